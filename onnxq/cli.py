@@ -1,0 +1,155 @@
+"""The ``onnxq`` command line: flags → configs → the Python API. No logic lives here.
+
+Errors onnxq raises on purpose print ``onnxq: error: <message>`` and exit 1; anything else is an
+internal error, reported in one line (``--debug`` shows the traceback) with exit 3. An output is
+written only when the whole command succeeded.
+"""
+
+from __future__ import annotations
+
+__all__ = ["main"]
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from onnxq import __version__
+from onnxq.errors import OnnxqError
+
+log = logging.getLogger("onnxq")
+
+
+def _add_pipeline_args(p: argparse.ArgumentParser, default: str | None) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--passes",
+        default=default,
+        help="comma-separated passes or presets, options after ':' separated by ';' "
+        f"(e.g. 'fold-bn,cle:max_iterations=50', presets: dfq){'' if default is None else f'; default {default}'}",
+    )
+    group.add_argument("--recipe", help="a JSON or TOML recipe file")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="onnxq", description="Quantization and graph optimization for ONNX models."
+    )
+    parser.add_argument("--version", action="version", version=f"onnxq {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    opt = sub.add_parser("optimize", help="rewrite a float model with output-preserving passes")
+    opt.add_argument("model", help="input .onnx file")
+    opt.add_argument("-o", "--output", required=True, help="output .onnx file")
+    _add_pipeline_args(opt, "dfq")
+    opt.add_argument("--overwrite", action="store_true", help="allow writing over the input")
+    opt.add_argument("--external-data", action="store_true", help="write weights to <out>.data")
+
+    ins = sub.add_parser("inspect", help="op counts and per-layer weight-range spread")
+    ins.add_argument("model", help="input .onnx file")
+    _add_pipeline_args(ins, None)
+    ins.add_argument("--top", type=int, default=15, help="layers to list (worst spread first)")
+    ins.add_argument("--json", dest="json_path", help="also write the summary as JSON")
+    return parser
+
+
+def _recipe(args: argparse.Namespace):
+    from onnxq.passes.pipelines import Recipe, parse_passes
+
+    if getattr(args, "recipe", None):
+        return Recipe.load(args.recipe)
+    return parse_passes(args.passes)
+
+
+def _cmd_optimize(args: argparse.Namespace) -> int:
+    import onnxq
+    from onnxq.passes.pipelines import run_pipeline
+
+    recipe = _recipe(args)
+    model = onnxq.load(args.model)
+    for name, report, modified in run_pipeline(model, recipe):
+        if name not in ("lift-constants", "cleanup") or report.changed:
+            print(report.summary())
+    onnxq.save(
+        model, args.output, overwrite=args.overwrite, external_data=True if args.external_data else None
+    )
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _spread_table(summary, top: int, before=None) -> str:
+    rows = summary.worst(top)
+    old = {s.node: s.spread for s in before.layers} if before is not None else {}
+    head = f"{'layer':<40} {'op':<13} {'shape':<18} {'spread':>8}"
+    head += f" {'before':>8}" if before is not None else ""
+    lines = [head + "  CLE", "-" * len(head)]
+    for s in rows:
+        shape = "x".join(map(str, s.shape)) + (f" g{s.groups}" if s.groups > 1 else "")
+        line = f"{s.node[:40]:<40} {s.op_type:<13} {shape:<18} {s.spread:>8.1f}"
+        if before is not None:
+            line += f" {old.get(s.node, float('nan')):>8.1f}"
+        cle = s.cle_next if s.cle_next.startswith("->") else (s.cle_prev or s.cle_next)
+        flag = "  !" if s.spread > 10 else "   "
+        lines.append(f"{line}{flag}{cle[:70]}")
+    return "\n".join(lines)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    import onnxq
+    from onnxq.analysis.inspect import SPREAD_WARNING
+    from onnxq.passes.pipelines import run_pipeline
+
+    model = onnxq.load(args.model)
+    before = onnxq.inspect(model)
+    print(f"{args.model}: {before.nodes} nodes, {before.weight_bytes / 2**20:.1f} MiB of weights")
+    print("ops: " + ", ".join(f"{k} {v}" for k, v in before.op_counts.items()))
+    summary, reference = before, None
+    if args.passes or args.recipe:
+        for name, report, _ in run_pipeline(model, _recipe(args)):
+            if report.changed or report.skipped:
+                print(report.summary())
+        summary, reference = onnxq.inspect(model), before
+    print()
+    print(_spread_table(summary, args.top, reference))
+    bad = [s for s in summary.layers if s.spread > SPREAD_WARNING]
+    print(
+        f"\n{len(bad)} of {len(summary.layers)} layers have a per-channel range spread > "
+        f"{SPREAD_WARNING:g} (marked !): per-tensor weight quantization is likely to fail there; "
+        "use CLE (where the CLE column shows a pair) or per-channel quantization."
+    )
+    if args.json_path:
+        data = {"before": before.to_dict()}
+        if reference is not None:
+            data["after"] = summary.to_dict()
+        with open(args.json_path, "w") as f:
+            json.dump(data, f, indent=1, default=float)
+    return 0
+
+
+COMMANDS = {"optimize": _cmd_optimize, "inspect": _cmd_inspect}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except OnnxqError as exc:
+        print(f"onnxq: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("onnxq: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # never a bare traceback for the user
+        if args.debug:
+            raise
+        print(
+            f"onnxq: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the "
+            "traceback and report it)",
+            file=sys.stderr,
+        )
+        return 3

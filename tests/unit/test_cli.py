@@ -1,0 +1,95 @@
+"""The CLI end to end: outputs written only on success, one-line errors, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from conftest import max_rel_diff, model_from_text, random_feeds
+
+from onnxq.cli import main
+
+TEXT = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,3,8,8] x) => (float[N,5,8,8] y)
+  <float[6,3,3,3] w1, float[6] b1, float[5,6,1,1] w2, float[5] b2, float lo, float hi> {
+  a = Conv<pads=[1,1,1,1]>(x, w1, b1)
+  c = Clip(a, lo, hi)
+  y = Conv(c, w2, b2)
+}"""
+
+
+def make(tmp_path, name="in.onnx"):
+    w1 = np.random.default_rng(0).standard_normal((6, 3, 3, 3)).astype(np.float32)
+    w1 *= np.array([0.01, 0.1, 1, 5, 20, 0.5], np.float32).reshape(6, 1, 1, 1)
+    model = model_from_text(TEXT, w1=w1, lo=np.float32(0), hi=np.float32(6))
+    path = tmp_path / name
+    ir.save(model, path)
+    return path, model
+
+
+def test_optimize_writes_an_equivalent_model(tmp_path, capsys):
+    src, ref = make(tmp_path)
+    out = tmp_path / "out.onnx"
+    assert main(["optimize", str(src), "-o", str(out), "--passes", "cle"]) == 0
+    text = capsys.readouterr().out
+    assert "cle: 1 pairs equalized" in text and "wrote" in text
+    assert max_rel_diff(ref, ir.load(out), random_feeds(ref)) <= 1e-5
+
+
+def test_recipe_file(tmp_path):
+    src, ref = make(tmp_path)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('version = 1\npasses = ["fold-bn", {name = "cle", max_iterations = 5}]\n')
+    out = tmp_path / "out.onnx"
+    assert main(["optimize", str(src), "-o", str(out), "--recipe", str(recipe)]) == 0
+    assert out.exists()
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["optimize", "{src}", "-o", "{src}"], "refusing to overwrite the input"),
+        (["optimize", "{missing}", "-o", "{out}"], "no such file"),
+        (["optimize", "{src}", "-o", "{out}", "--passes", "fold-bn,nope"], "unknown pass"),
+        (["optimize", "{src}", "-o", "{out}", "--passes", "cle:bogus=1"], "bad options"),
+        (["optimize", "{junk}", "-o", "{out}"], "not a valid ONNX model"),
+    ],
+)
+def test_errors_are_one_line_and_write_nothing(tmp_path, capsys, args, words):
+    src, _ = make(tmp_path)
+    junk = tmp_path / "junk.onnx"
+    junk.write_text("not a model")
+    before = src.read_bytes()
+    names = dict(src=src, missing=tmp_path / "missing.onnx", out=tmp_path / "out.onnx", junk=junk)
+    code = main([a.format(**names) for a in args])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("onnxq: error: ") and words in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "out.onnx").exists()
+    assert src.read_bytes() == before
+
+
+def test_inspect_reports_spread_and_cle_effect(tmp_path, capsys):
+    src, _ = make(tmp_path)
+    js = tmp_path / "s.json"
+    assert main(["inspect", str(src), "--passes", "cle", "--json", str(js)]) == 0
+    out = capsys.readouterr().out
+    assert "Conv 2" in out and "spread" in out and "before" in out
+    data = json.loads(js.read_text())
+    before = max(layer["spread"] for layer in data["before"]["layers"])
+    after = max(layer["spread"] for layer in data["after"]["layers"])
+    assert after < before
+
+
+def test_python_m_entry_point(tmp_path):
+    src, _ = make(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "onnxq", "inspect", str(src)], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "layers have a per-channel range spread" in proc.stdout
