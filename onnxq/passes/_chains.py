@@ -289,15 +289,13 @@ def _close(first: WeightLayer, second: WeightLayer, links, flat, rank) -> Pair |
 
 def channel_range_out(wc: np.ndarray) -> np.ndarray:
     """max |w| per output channel of a canonical weight."""
-    return np.abs(wc).reshape(wc.shape[0], -1).max(axis=1)
+    rows = wc.reshape(wc.shape[0], -1)
+    return np.maximum(rows.max(axis=1), -rows.min(axis=1))
 
 
 def channel_range_in(layer: WeightLayer, wc: np.ndarray, repeat: int = 1) -> np.ndarray:
     """max |w| per *input* channel of a canonical weight, grouped ``repeat`` features a channel."""
-    per = np.abs(wc).reshape(wc.shape[0], wc.shape[1], -1).max(axis=2)  # (C_out, C_in/g)
-    cin = layer.in_channels
-    out = np.zeros(cin, dtype=np.float64)
-    np.maximum.at(out, layer.in_channel_index().ravel(), per.ravel())
+    out = layer.in_ranges(wc)
     return out.reshape(-1, repeat).max(axis=1) if repeat > 1 else out
 
 

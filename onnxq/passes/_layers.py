@@ -106,6 +106,30 @@ class WeightLayer:
         j = np.arange(cin_g)[None, :]
         return (o // (cout // self.groups)) * cin_g + j
 
+    def _grouped(self, wc: np.ndarray) -> np.ndarray:
+        """A view of canonical ``wc`` as (groups, C_out/g, C_in/g, kernel elements)."""
+        g = self.groups
+        return wc.reshape(g, wc.shape[0] // g, wc.shape[1], -1)
+
+    def in_ranges(self, wc: np.ndarray) -> np.ndarray:
+        """max |w| per input channel of canonical ``wc``: shape (C_in,)."""
+        view = self._grouped(wc)
+        return np.maximum(view.max(axis=(1, 3)), -view.min(axis=(1, 3))).reshape(-1)
+
+    def scale_inputs_(self, wc: np.ndarray, s: np.ndarray) -> np.ndarray:
+        """Multiply, in place, the weights reading input channel c by ``s[c]``; returns ``wc``."""
+        view = self._grouped(wc)
+        if not np.shares_memory(view, wc):
+            raise ValueError("scale_inputs_ needs a C-contiguous canonical weight")
+        view *= np.asarray(s, dtype=wc.dtype).reshape(self.groups, 1, view.shape[2], 1)
+        return wc
+
+    def input_dot(self, wc: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """Per output channel o: Σ over inputs c and kernel of ``Wc[o, c, k]·v[c]``: (C_out,)."""
+        view = self._grouped(wc)
+        per_input = view.sum(axis=3)  # (g, C_out/g, C_in/g)
+        return (per_input * np.asarray(v).reshape(self.groups, 1, view.shape[2])).sum(axis=2).reshape(-1)
+
     # ---- bias ---------------------------------------------------------------------------
     @property
     def bias_value(self) -> ir.Value | None:
@@ -119,14 +143,16 @@ class WeightLayer:
         value = self.bias_value
         n = self.out_channels
         if value is None:
-            return np.zeros(n, dtype=np.float32)
+            return np.zeros(n, dtype=np.float64)
         b = constant(value).astype(np.float64)
         if self.op_type == "Gemm":
             b = b * float(attr(self.node, "beta", 1.0))
-        return np.broadcast_to(b.reshape(-1), (n,)).astype(np.float32)
+        return np.broadcast_to(b.reshape(-1), (n,)).copy()
 
     def bias_problem(self) -> str | None:
         """Why the bias cannot be read/written as a per-channel vector; None when it can."""
+        if self.op_type == "Gemm" and float(attr(self.node, "beta", 1.0)) == 0.0:
+            return f"Gemm '{self.node.name}' has beta=0 (its bias input is ignored)"
         value = self.bias_value
         if value is None:
             return None  # a bias input (or a MatMul's Add) can be created
@@ -141,7 +167,8 @@ class WeightLayer:
 
     def set_bias(self, graph: ir.Graph, b: np.ndarray) -> None:
         """Write the effective bias ``b`` (per output channel), creating the input if needed."""
-        b = np.asarray(b, dtype=np.float32).reshape(-1)
+        dtype = self.weight.const_value.dtype.numpy()
+        b = np.asarray(b, dtype=np.float64).reshape(-1)
         value = self.bias_value
         if value is not None:
             old = constant(value)
@@ -152,20 +179,20 @@ class WeightLayer:
             return
         name = f"{self.node.name or self.weight.name}_bias"
         if self.op_type in ("Conv", "ConvTranspose"):
-            new = add_initializer(graph, b, name)
+            new = add_initializer(graph, b.astype(dtype), name)
             self.node.resize_inputs(3)
             self.node.replace_input_with(2, new)
             self.bias_node, self.bias_index = self.node, 2
         elif self.op_type == "Gemm":
             beta = float(attr(self.node, "beta", 1.0))
-            new = add_initializer(graph, b / beta, name)
+            new = add_initializer(graph, (b / beta).astype(dtype), name)
             self.node.resize_inputs(3)
             self.node.replace_input_with(2, new)
             self.bias_node, self.bias_index = self.node, 2
         else:  # MatMul: Y = X·B  →  Y' = X·B + b
-            new = add_initializer(graph, b, name)
+            new = add_initializer(graph, b.astype(dtype), name)
             out = self.node.outputs[0]
-            add = ir.node("Add", inputs=[out, new], name=f"{self.node.name}_bias_add")
+            add = ir.node("Add", inputs=[out, new], name=f"{self.node.name or self.weight.name}_bias_add")
             add_out = add.outputs[0]
             add_out.shape, add_out.type = out.shape, out.type
             graph.insert_after(self.node, add)

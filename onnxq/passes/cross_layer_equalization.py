@@ -54,9 +54,10 @@ class CrossLayerEqualization(OnnxqPass):
         for pair in pairs:
             layers.setdefault(id(pair.first.node), pair.first)
             layers.setdefault(id(pair.second.node), pair.second)
-        weights = {k: layer.canonical().astype(np.float64) for k, layer in layers.items()}
+        weights = {
+            k: np.array(layer.canonical(), dtype=np.float64, order="C") for k, layer in layers.items()
+        }
         biases = {id(p.first.node): p.first.bias().astype(np.float64) for p in pairs}
-        index = {k: layer.in_channel_index() for k, layer in layers.items()}
         totals = [np.ones(p.channels) for p in pairs]
 
         for _ in range(self.max_iterations):
@@ -66,11 +67,10 @@ class CrossLayerEqualization(OnnxqPass):
                 if s is None:
                     continue
                 k1, k2 = id(pair.first.node), id(pair.second.node)
-                w1, w2 = weights[k1], weights[k2]
-                weights[k1] = w1 / s.reshape((-1,) + (1,) * (w1.ndim - 1))
-                biases[k1] = biases[k1] / s
-                s_in = np.repeat(s, pair.repeat)[index[k2]]
-                weights[k2] = w2 * s_in.reshape(s_in.shape + (1,) * (w2.ndim - 2))
+                w1 = weights[k1]
+                w1 /= s.reshape((-1,) + (1,) * (w1.ndim - 1))
+                biases[k1] /= s
+                pair.second.scale_inputs_(weights[k2], np.repeat(s, pair.repeat))
                 totals[k] *= s
                 moved = max(moved, float(np.max(np.abs(np.log(s)))))
             if moved < self.tolerance:

@@ -87,9 +87,7 @@ class HighBiasFold(OnnxqPass):
         first, second = pair.first, pair.second
         first.set_bias(graph, first.bias().astype(np.float64) - h)
         h_flat = np.repeat(h, pair.repeat)
-        wc2 = second.canonical().astype(np.float64)
-        per_input = wc2.reshape(wc2.shape[0], wc2.shape[1], -1).sum(axis=2)  # (C_out, C_in/g)
-        shift = (per_input * h_flat[second.in_channel_index()]).sum(axis=1)
+        shift = second.input_dot(second.canonical().astype(np.float64), h_flat)
         second.set_bias(graph, second.bias().astype(np.float64) + shift)
         for link in pair.links:
             if link.kind == "bound":
