@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_pipeline_args(ins, None)
     ins.add_argument("--top", type=int, default=15, help="layers to list (worst spread first)")
     ins.add_argument("--json", dest="json_path", help="also write the summary as JSON")
+    demo = sub.add_parser("demo", help="optimize the bundled Fashion-MNIST model and compare accuracies")
+    demo.add_argument("-o", "--output", default="onnxq-demo", help="folder for the written model")
     return parser
 
 
@@ -129,7 +131,14 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"optimize": _cmd_optimize, "inspect": _cmd_inspect}
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from onnxq.demo import run_demo
+
+    run_demo(args.output)
+    return 0
+
+
+COMMANDS = {"optimize": _cmd_optimize, "inspect": _cmd_inspect, "demo": _cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -40,7 +40,7 @@ def test_absorbs_and_stays_exact_above_the_bias(act, assert_equivalent):
     assert hbf(model).modified
     assert hbf.report.changed == 1
     b1 = model.graph.initializers["b1"].const_value.numpy()
-    expected_h = np.maximum(0, np.array([4.0, 0.5, 3.0, -1.0, 2.0, 5.0]) - 0.3)
+    expected_h = np.maximum(0, np.array([4.0, 0.5, 3.0, -1.0, 2.0, 5.0]) - 0.4)  # k = 4 sigmas of 0.1
     if "Identity" in act:
         expected_h = np.array([4.0, 0.5, 3.0, -1.0, 2.0, 5.0])
     np.testing.assert_allclose(b1, [4.0, 0.5, 3.0, -1.0, 2.0, 5.0] - expected_h, atol=1e-6)
@@ -85,3 +85,23 @@ def test_links_it_cannot_cross(act):
     assert not hbf(model).modified
     assert hbf.report.skipped
     np.testing.assert_array_equal(model.graph.initializers["b1"].const_value.numpy(), b1)
+
+
+def test_zero_padding_in_layer_two_is_skipped_unless_asked():
+    text = HEADER + """
+g (float[N,4,6,6] x) => (float[N,5,6,6] y)
+  <float[6,4,3,3] w1, float[6] b1, float[5,6,3,3] w2, float[5] b2> {
+  a = Conv<pads=[1,1,1,1]>(x, w1, b1)
+  c = Relu(a)
+  y = Conv<pads=[1,1,1,1]>(c, w2, b2)
+}"""
+    def make():
+        model = model_from_text(text, b1=np.full(6, 4.0, np.float32))
+        conv = next(n for n in model.graph if n.op_type == "Conv")
+        conv.meta[BN_STATS_KEY] = {"gamma": np.full(6, 0.1), "beta": np.full(6, 4.0)}
+        return model
+
+    hbf = HighBiasFold()
+    assert not hbf(make()).modified
+    assert any("pads its input" in r for _, r in hbf.report.skipped)
+    assert HighBiasFold(padded=True)(make()).modified
