@@ -9,7 +9,7 @@ as ONNX ``QuantizeLinear`` does.
 
 from __future__ import annotations
 
-__all__ = ["QRange", "qrange", "symmetric_scale", "fake_quantize"]
+__all__ = ["QRange", "qrange", "symmetric_scale", "fake_quantize", "affine_params", "quantize"]
 
 import dataclasses
 
@@ -47,3 +47,31 @@ def fake_quantize(
     xd = np.asarray(x, dtype=np.float64)
     q = np.clip(np.rint(xd / scale) + zero_point, rng.qmin, rng.qmax)
     return ((q - zero_point) * scale).astype(x.dtype)
+
+
+def affine_params(
+    lo: np.ndarray | float, hi: np.ndarray | float, bits: int, symmetric: bool, strict: bool = False
+) -> tuple[np.ndarray, np.ndarray, QRange]:
+    """(scale, zero_point, range) of a grid covering [lo, hi] (always including 0).
+
+    Symmetric: signed grid, ``z = 0``, ``s = max(|lo|, |hi|) / qmax``. Asymmetric: unsigned grid,
+    ``s = (hi − lo) / (qmax − qmin)``, ``z = round(qmin − lo / s)`` clipped to the grid, so 0 is
+    exactly representable.
+    """
+    lo = np.minimum(np.asarray(lo, dtype=np.float64), 0.0)
+    hi = np.maximum(np.asarray(hi, dtype=np.float64), 0.0)
+    if symmetric:
+        rng = qrange(bits, signed=True, strict=strict)
+        scale = np.maximum(np.maximum(-lo, hi) / rng.qmax, MIN_SCALE)
+        return scale, np.zeros_like(scale, dtype=np.int64), rng
+    rng = qrange(bits, signed=False)
+    scale = np.maximum((hi - lo) / (rng.qmax - rng.qmin), MIN_SCALE)
+    zero = np.clip(np.rint(rng.qmin - lo / scale), rng.qmin, rng.qmax).astype(np.int64)
+    return scale, zero, rng
+
+
+def quantize(x: np.ndarray, scale, zero_point, rng: QRange) -> np.ndarray:
+    """Integer codes of ``x`` (int64), rounding half to even."""
+    return np.clip(np.rint(np.asarray(x, np.float64) / scale) + zero_point, rng.qmin, rng.qmax).astype(
+        np.int64
+    )

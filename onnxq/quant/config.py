@@ -1,0 +1,155 @@
+"""Quantization configuration: frozen dataclasses that serialize to and from versioned dicts.
+
+``QuantSpec`` says how one tensor is quantized (bit-width, symmetric or not, per tensor or per
+channel, range method); ``QuantConfig`` holds the defaults for weights and activations, the
+fusion supergroups inside which no quantizer is placed, and per-node / per-op-type overrides.
+Presets: ``default`` (per-tensor symmetric INT8 weights, asymmetric UINT8 activations),
+``per-channel`` (per-channel weights), ``w8a16`` (16-bit activations).
+"""
+
+from __future__ import annotations
+
+__all__ = ["QuantSpec", "QuantConfig", "PRESETS", "preset"]
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from onnxq.errors import ConfigError
+
+CONFIG_VERSION = 1
+RANGE_METHODS = ("minmax", "percentile", "mse", "entropy")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    bits: int = 8
+    symmetric: bool = False
+    per_channel: bool = False
+    #: symmetric grid without the lowest code: [-(2^(b-1) - 1), 2^(b-1) - 1]
+    strict: bool = False
+    range_method: str = "minmax"
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8, 16):
+            raise ConfigError(f"bit-width {self.bits} is not one of 4, 8, 16")
+        if self.range_method not in RANGE_METHODS:
+            raise ConfigError(
+                f"range method '{self.range_method}' is not one of {', '.join(RANGE_METHODS)}"
+            )
+
+    @property
+    def signed(self) -> bool:
+        """Symmetric grids are signed (zero point 0); asymmetric ones unsigned."""
+        return self.symmetric
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], base: QuantSpec | None = None) -> QuantSpec:
+        base = base or cls()
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown quantization option(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(base, **dict(data))
+
+
+DEFAULT_SUPERGROUPS: tuple[tuple[str, ...], ...] = (
+    ("Conv", "Relu"),
+    ("Conv", "Clip"),
+    ("ConvTranspose", "Relu"),
+    ("ConvTranspose", "Clip"),
+    ("Gemm", "Relu"),
+    ("Gemm", "Clip"),
+    ("MatMul", "Relu"),
+    ("MatMul", "Add"),
+    ("Add", "Relu"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    weights: QuantSpec = QuantSpec(bits=8, symmetric=True)
+    activations: QuantSpec = QuantSpec(bits=8, symmetric=False)
+    quantize_bias: bool = True
+    model_inputs: bool = True
+    model_outputs: bool = False
+    supergroups: tuple[tuple[str, ...], ...] = DEFAULT_SUPERGROUPS
+    #: node name → {"weights": {...}, "activations": {...}} or {"skip": True}
+    node_overrides: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    #: op type → same as node_overrides
+    op_overrides: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    version: int = CONFIG_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "weights": self.weights.to_dict(),
+            "activations": self.activations.to_dict(),
+            "quantize_bias": self.quantize_bias,
+            "model_inputs": self.model_inputs,
+            "model_outputs": self.model_outputs,
+            "supergroups": [list(g) for g in self.supergroups],
+            "node_overrides": {k: dict(v) for k, v in self.node_overrides.items()},
+            "op_overrides": {k: dict(v) for k, v in self.op_overrides.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> QuantConfig:
+        version = int(data.get("version", CONFIG_VERSION))
+        if version > CONFIG_VERSION:
+            raise ConfigError(f"config version {version} is newer than this onnxq understands")
+        base = cls()
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown config key(s): {', '.join(sorted(unknown))}")
+        return cls(
+            weights=QuantSpec.from_dict(data.get("weights", {}), base.weights),
+            activations=QuantSpec.from_dict(data.get("activations", {}), base.activations),
+            quantize_bias=bool(data.get("quantize_bias", base.quantize_bias)),
+            model_inputs=bool(data.get("model_inputs", base.model_inputs)),
+            model_outputs=bool(data.get("model_outputs", base.model_outputs)),
+            supergroups=tuple(tuple(g) for g in data.get("supergroups", base.supergroups)),
+            node_overrides=dict(data.get("node_overrides", {})),
+            op_overrides=dict(data.get("op_overrides", {})),
+            version=version,
+        )
+
+    def replace(self, **changes: Any) -> QuantConfig:
+        return dataclasses.replace(self, **changes)
+
+    def override(self, node_name: str, op_type: str) -> Mapping[str, Any]:
+        """The override for a node: by name first, else by op type, else empty."""
+        return self.node_overrides.get(node_name) or self.op_overrides.get(op_type) or {}
+
+    def weight_spec(self, node_name: str, op_type: str) -> QuantSpec | None:
+        o = self.override(node_name, op_type)
+        if o.get("skip"):
+            return None
+        return QuantSpec.from_dict(o.get("weights", {}), self.weights)
+
+    def activation_spec(self, node_name: str, op_type: str) -> QuantSpec | None:
+        o = self.override(node_name, op_type)
+        if o.get("skip"):
+            return None
+        return QuantSpec.from_dict(o.get("activations", {}), self.activations)
+
+
+PRESETS: dict[str, QuantConfig] = {
+    "default": QuantConfig(),
+    "per-channel": QuantConfig(weights=QuantSpec(bits=8, symmetric=True, per_channel=True)),
+    "w8a16": QuantConfig(
+        weights=QuantSpec(bits=8, symmetric=True, per_channel=True),
+        activations=QuantSpec(bits=16, symmetric=False),
+    ),
+}
+
+
+def preset(name: str) -> QuantConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown config preset '{name}' (known: {', '.join(PRESETS)})") from None

@@ -1,0 +1,206 @@
+"""Carry out a :class:`~onnxq.quant.annotate.QuantPlan`: standard QuantizeLinear/DequantizeLinear.
+
+* an activation ``x`` becomes ``DequantizeLinear(QuantizeLinear(x, s, z), s, z)`` and every reader
+  of ``x`` reads the dequantized value (one pair per tensor, shared by all readers);
+* a weight is stored as integers (``<name>_quantized``) and read through ``DequantizeLinear``
+  (with ``axis`` when per channel), so the file shrinks and onnxruntime fuses the pattern into
+  integer kernels (QLinearConv, QLinearMatMul, …);
+* a bias is stored as int32 with scale ``s_input · s_weight`` and zero point 0.
+
+The QDQ model *is* the simulation: plain onnxruntime runs it. Per-channel weights need opset ≥ 13,
+16- and 4-bit tensors opset ≥ 21 (:func:`required_opset`).
+"""
+
+from __future__ import annotations
+
+__all__ = ["Encoding", "insert_qdq", "required_opset"]
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxq.passes._graph import add_initializer, constant
+from onnxq.quant.annotate import ActivationGroup, QuantPlan
+from onnxq.quant.qparams import QRange, affine_params, quantize, qrange
+
+_INT_TYPES = {
+    (8, True): ir.DataType.INT8, (8, False): ir.DataType.UINT8,
+    (16, True): ir.DataType.INT16, (16, False): ir.DataType.UINT16,
+    (4, True): ir.DataType.INT4, (4, False): ir.DataType.UINT4,
+    (32, True): ir.DataType.INT32,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoding:
+    """One tensor's quantization grid; ``offset`` follows AIMET (``offset = −zero_point``)."""
+
+    name: str
+    kind: str  # "activation" | "param"
+    bits: int
+    symmetric: bool
+    signed: bool
+    scale: tuple[float, ...]
+    zero_point: tuple[int, ...]
+    axis: int | None = None
+    frozen: bool = False
+
+    @property
+    def offset(self) -> tuple[int, ...]:
+        return tuple(-z for z in self.zero_point)
+
+    def grid(self) -> QRange:
+        return qrange(self.bits, signed=self.signed)
+
+
+def required_opset(plan: QuantPlan) -> int:
+    need = 10
+    for site in plan.weights:
+        if site.axis is not None:
+            need = max(need, 13)
+        if site.spec.bits != 8:
+            need = max(need, 21)
+    for group in plan.groups:
+        if group.spec.bits != 8:
+            need = max(need, 21)
+    return need
+
+
+def _int_tensor(codes: np.ndarray, bits: int, signed: bool, name: str) -> ir.Tensor:
+    dtype = _INT_TYPES[(bits, signed)]
+    if bits == 4:
+        import ml_dtypes  # installed with onnx
+
+        arr = codes.astype(ml_dtypes.int4 if signed else ml_dtypes.uint4)
+        return ir.Tensor(arr, dtype=dtype, name=name)
+    return ir.Tensor(codes.astype(dtype.numpy()), name=name)
+
+
+def _initializer(graph: ir.Graph, tensor: ir.Tensor, name: str) -> ir.Value:
+    base, k = name, 1
+    while name in graph.initializers:
+        name, k = f"{base}_{k}", k + 1
+    tensor.name = name
+    value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype),
+                     const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def _dq(inputs: list[ir.Value], axis: int | None, name: str, like: ir.Value | None) -> ir.Node:
+    attrs = {"axis": axis} if axis is not None else {}
+    node = ir.node("DequantizeLinear", inputs, attributes=attrs, name=f"{name}_DequantizeLinear")
+    out = node.outputs[0]
+    out.name = f"{name}_dq"
+    if like is not None:
+        out.shape, out.type = like.shape, like.type
+    else:
+        out.dtype = ir.DataType.FLOAT
+    return node
+
+
+def _activation_encoding(value: ir.Value, group: ActivationGroup, lo: float, hi: float) -> Encoding:
+    spec = group.spec
+    scale, zero, _ = affine_params(lo, hi, spec.bits, spec.symmetric, spec.strict)
+    return Encoding(value.name or "", "activation", spec.bits, spec.symmetric, spec.signed,
+                    (float(scale),), (int(zero),))
+
+
+def insert_qdq(
+    model: ir.Model,
+    plan: QuantPlan,
+    ranges: dict[int, tuple[float, float]],
+    weight_ranges: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
+) -> list[Encoding]:
+    """Edit ``model`` in place; ``ranges`` maps ``id(group)`` → (lo, hi). Returns encodings."""
+    graph = model.graph
+    encodings: list[Encoding] = []
+    act_enc: dict[int, Encoding] = {}
+    for group in plan.groups:
+        lo, hi = ranges[id(group)]
+        for value in group.quantized:
+            enc = _activation_encoding(value, group, lo, hi)
+            act_enc[id(value)] = enc
+            encodings.append(enc)
+
+    # weights and biases first (they read the activations' scales before any rewiring)
+    w_scale: dict[int, np.ndarray] = {}
+    for site in plan.weights:
+        w = site.value.const_value.numpy().astype(np.float64)
+        if weight_ranges and id(site.value) in weight_ranges:
+            lo, hi = weight_ranges[id(site.value)]
+        elif site.axis is None:
+            lo, hi = np.array(w.min()), np.array(w.max())
+        else:
+            moved = np.moveaxis(w, site.axis, 0).reshape(w.shape[site.axis], -1)
+            lo, hi = moved.min(axis=1), moved.max(axis=1)
+        spec = site.spec
+        scale, zero, rng = affine_params(lo, hi, spec.bits, spec.symmetric, spec.strict)
+        shape = [1] * w.ndim
+        if site.axis is not None:
+            shape[site.axis] = -1
+        codes = quantize(w, scale.reshape(shape), zero.reshape(shape), rng)
+        name = site.value.name or "weight"
+        q_init = _initializer(graph, _int_tensor(codes, spec.bits, spec.signed, ""), f"{name}_quantized")
+        s_init = add_initializer(graph, scale.astype(np.float32).reshape(-1 if site.axis is not None else ()), f"{name}_scale")
+        z_init = _initializer(graph, _int_tensor(zero.reshape(-1 if site.axis is not None else ()), spec.bits, spec.signed, ""), f"{name}_zero_point")
+        dq = _dq([q_init, s_init, z_init], site.axis, name, site.value)
+        graph.insert_before(site.node, dq)
+        site.node.replace_input_with(1, dq.outputs[0])
+        w_scale[id(site.node)] = scale
+        encodings.append(Encoding(name, "param", spec.bits, spec.symmetric, spec.signed,
+                                  tuple(np.atleast_1d(scale).astype(float)),
+                                  tuple(np.atleast_1d(zero).astype(int)), site.axis))
+
+    for bias in plan.biases:
+        x_enc = act_enc.get(id(bias.node.inputs[0]))
+        if x_enc is None or id(bias.node) not in w_scale:
+            continue
+        b = constant(bias.value).astype(np.float64)
+        scale = np.broadcast_to(x_enc.scale[0] * w_scale[id(bias.node)], b.shape)
+        codes = np.clip(np.rint(b / scale), -(2**31), 2**31 - 1).astype(np.int32)
+        name = bias.value.name or "bias"
+        q_init = _initializer(graph, ir.Tensor(codes), f"{name}_quantized")
+        s_init = add_initializer(graph, scale.astype(np.float32), f"{name}_scale")
+        z_init = _initializer(graph, ir.Tensor(np.zeros(b.shape, np.int32)), f"{name}_zero_point")
+        dq = _dq([q_init, s_init, z_init], 0, name, bias.value)
+        graph.insert_before(bias.node, dq)
+        bias.node.replace_input_with(2, dq.outputs[0])
+        encodings.append(Encoding(name, "param", 32, True, True, tuple(scale.astype(float)),
+                                  tuple([0] * b.size), 0))
+
+    # activations
+    first = graph.node(0) if len(graph) else None
+    for group in plan.groups:
+        for value in group.quantized:
+            _wrap_activation(graph, value, act_enc[id(value)], first)
+    return encodings
+
+
+def _wrap_activation(graph: ir.Graph, value: ir.Value, enc: Encoding, first: ir.Node | None) -> None:
+    name = value.name or "act"
+    readers = list(value.uses())  # before the Q node below becomes a reader too
+    scale = add_initializer(graph, np.array(enc.scale[0], np.float32), f"{name}_scale")
+    zero = _initializer(
+        graph, _int_tensor(np.array(enc.zero_point[0]), enc.bits, enc.signed, ""), f"{name}_zero_point"
+    )
+    q = ir.node("QuantizeLinear", [value, scale, zero], name=f"{name}_QuantizeLinear")
+    q.outputs[0].name = f"{name}_quantized"
+    q.outputs[0].dtype = zero.dtype
+    q.outputs[0].shape = value.shape
+    dq = _dq([q.outputs[0], scale, zero], None, name, value)
+    producer = value.producer()
+    if producer is not None:
+        graph.insert_after(producer, [q, dq])
+    elif first is not None:
+        graph.insert_before(first, [q, dq])
+    else:
+        graph.extend([q, dq])
+    for usage in readers:
+        usage.node.replace_input_with(usage.idx, dq.outputs[0])
+    if value.is_graph_output():
+        for i, out in enumerate(graph.outputs):
+            if out is value:
+                graph.outputs[i] = dq.outputs[0]
+        dq.outputs[0].name, value.name = name, f"{name}_float"

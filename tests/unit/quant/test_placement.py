@@ -1,0 +1,102 @@
+"""Quantizer placement (annotate) and Q/DQ insertion on small graphs: structural asserts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import model_from_text, random_feeds
+
+from onnxq.errors import UnsupportedModelError
+from onnxq.quant.annotate import annotate
+from onnxq.quant.config import QuantConfig, QuantSpec, preset
+from onnxq.quant.insert_qdq import insert_qdq, required_opset
+from onnxq.runtime import run
+
+TEXT = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,3,8,8] x) => (float[N,10] y)
+  <float[8,3,3,3] w1, float[8] b1, float[8,8,1,1] w2, float[8] b2, float[10,8] wg, float[10] bg,
+   int64[2] shape> {
+  a = Conv<pads=[1,1,1,1]>(x, w1, b1)
+  r = Relu(a)
+  c = Conv(r, w2, b2)
+  p = GlobalAveragePool(c)
+  f = Reshape(p, shape)
+  y = Gemm<transB=1>(f, wg, bg)
+}"""
+
+
+def model():
+    return model_from_text(TEXT, shape=np.array([0, -1], np.int64))
+
+
+def by_name(plan):
+    return {v.name: g for g in plan.groups for v in g.quantized}
+
+
+def test_placement_follows_supergroups_and_ties():
+    plan = annotate(model(), QuantConfig())
+    quantized = by_name(plan)
+    assert "x" in quantized  # model input
+    assert "a" not in quantized and "r" in quantized  # Conv+Relu supergroup: after the Relu
+    assert "c" in quantized and "p" in quantized
+    assert quantized["f"] is quantized["p"]  # Reshape reuses its input's encoding
+    assert "y" not in quantized  # model outputs are not quantized by default
+    assert [s.node.op_type for s in plan.weights] == ["Conv", "Conv", "Gemm"]
+    assert all(s.axis is None for s in plan.weights)
+    assert len(plan.biases) == 3
+
+
+def test_per_channel_axes():
+    plan = annotate(model(), preset("per-channel"))
+    assert [s.axis for s in plan.weights] == [0, 0, 0]  # Gemm transB=1 → axis 0
+    assert required_opset(plan) == 13
+
+
+def test_override_skips_a_node():
+    cfg = QuantConfig(node_overrides={}, op_overrides={"Gemm": {"skip": True}})
+    plan = annotate(model(), cfg)
+    assert [s.node.op_type for s in plan.weights] == ["Conv", "Conv"]
+
+
+def measured_range(model, group, feeds):
+    """min/max of the group's tensors on ``feeds`` (exposed as extra outputs of a copy)."""
+    probe = model.clone()
+    wanted = {v.name for v in group.members}
+    for node in probe.graph:
+        for out in node.outputs:
+            if out.name in wanted and not out.is_graph_output():
+                probe.graph.outputs.append(out)
+    names = [o.name for o in probe.graph.outputs]
+    values = dict(zip(names, run(probe, feeds)))
+    values.update(feeds)
+    arrays = [values[n] for n in wanted if n in values]
+    return float(min(a.min() for a in arrays)), float(max(a.max() for a in arrays))
+
+
+def test_insert_runs_in_onnxruntime_and_tracks_float():
+    m = model()
+    feeds = random_feeds(m)
+    ref = run(m, feeds)[0]
+    plan = annotate(m, QuantConfig(weights=QuantSpec(bits=8, symmetric=True, per_channel=True)))
+    ranges = {id(g): measured_range(m, g, feeds) for g in plan.groups}
+    encodings = insert_qdq(m, plan, ranges)
+    ops = [n.op_type for n in m.graph]
+    assert ops.count("QuantizeLinear") == len([v for g in plan.groups for v in g.quantized])
+    assert ops.count("DequantizeLinear") == ops.count("QuantizeLinear") + 3 + 3  # weights, biases
+    bias = m.graph.initializers["b1_quantized"].const_value.numpy()
+    assert bias.dtype == np.int32
+    out = run(m, feeds)[0]
+    sqnr = 10 * np.log10(np.sum(ref**2) / np.sum((ref - out) ** 2))
+    assert sqnr > 20, sqnr
+    names = {e.name for e in encodings}
+    assert {"x", "r", "w1", "b1"} <= names
+
+
+def test_already_quantized_model_is_refused():
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[4] x) => (float[4] y) <float s, uint8 z> {
+  q = QuantizeLinear(x, s, z)
+  y = DequantizeLinear(q, s, z)
+}"""
+    with pytest.raises(UnsupportedModelError, match="already quantized"):
+        annotate(model_from_text(text, s=np.float32(0.1), z=np.uint8(0)), QuantConfig())
