@@ -16,6 +16,9 @@ __all__ = [
     "save",
     "optimize",
     "inspect",
+    "quantize",
+    "QuantConfig",
+    "QuantSpec",
     "Recipe",
     "PassSpec",
     "OnnxqError",
@@ -43,6 +46,8 @@ from onnxq.errors import (
 )
 from onnxq.io import load, save
 from onnxq.passes.pipelines import PassSpec, Recipe, parse_passes, run_pipeline
+from onnxq.quant.config import QuantConfig, QuantSpec
+from onnxq.quant.sim import quantize
 
 
 def optimize(

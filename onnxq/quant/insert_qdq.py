@@ -150,8 +150,8 @@ def insert_qdq(
         site.node.replace_input_with(1, dq.outputs[0])
         w_scale[id(site.node)] = scale
         encodings.append(Encoding(name, "param", spec.bits, spec.symmetric, spec.signed,
-                                  tuple(np.atleast_1d(scale).astype(float)),
-                                  tuple(np.atleast_1d(zero).astype(int)), site.axis))
+                                  tuple(np.atleast_1d(scale).astype(float).tolist()),
+                                  tuple(np.atleast_1d(zero).astype(int).tolist()), site.axis))
 
     for bias in plan.biases:
         x_enc = act_enc.get(id(bias.node.inputs[0]))
@@ -167,8 +167,8 @@ def insert_qdq(
         dq = _dq([q_init, s_init, z_init], 0, name, bias.value)
         graph.insert_before(bias.node, dq)
         bias.node.replace_input_with(2, dq.outputs[0])
-        encodings.append(Encoding(name, "param", 32, True, True, tuple(scale.astype(float)),
-                                  tuple([0] * b.size), 0))
+        encodings.append(Encoding(name, "param", 32, True, True,
+                                  tuple(scale.astype(float).tolist()), tuple([0] * b.size), 0))
 
     # activations
     first = graph.node(0) if len(graph) else None

@@ -8,7 +8,8 @@ import onnxq
 
 def test_public_api_is_pinned():
     assert sorted(onnxq.__all__) == sorted([
-        "__version__", "load", "save", "optimize", "inspect", "Recipe", "PassSpec",
+        "__version__", "load", "save", "optimize", "inspect", "quantize", "QuantConfig", "QuantSpec",
+        "Recipe", "PassSpec",
         "OnnxqError", "ModelLoadError", "ModelSaveError", "UnsupportedModelError", "ConfigError",
     ])
     for name in onnxq.__all__:

@@ -100,3 +100,29 @@ g (float[4] x) => (float[4] y) <float s, uint8 z> {
 }"""
     with pytest.raises(UnsupportedModelError, match="already quantized"):
         annotate(model_from_text(text, s=np.float32(0.1), z=np.uint8(0)), QuantConfig())
+
+
+def test_quantize_end_to_end_sqnr_and_export(tmp_path):
+    import json
+
+    import onnxq
+
+    m = model()
+    rng = np.random.default_rng(0)
+    calib = [rng.standard_normal((4, 3, 8, 8)).astype(np.float32) for _ in range(8)]
+    feeds = {"x": rng.standard_normal((4, 3, 8, 8)).astype(np.float32)}
+    ref = run(m, feeds)[0]
+    results = {}
+    for cfg in ("default", "per-channel", "w8a16"):
+        sim = onnxq.quantize(m, calib, config=cfg)
+        out = sim.run(feeds)[0]
+        results[cfg] = 10 * np.log10(np.sum(ref**2) / np.sum((ref - out) ** 2))
+    assert results["default"] > 25 and results["per-channel"] > 25, results
+    assert results["w8a16"] > results["default"], results  # 16-bit activations are finer
+    paths = sim.export(tmp_path, "tiny")
+    data = json.loads(paths["encodings"].read_text())
+    assert {e["name"] for e in data["activation_encodings"]} >= {"x", "r"}
+    assert all(e["bw"] == 16 for e in data["activation_encodings"])
+    assert onnxq.load(paths["qdq"]) is not None
+    # the input model is untouched: no Q/DQ in it
+    assert "QuantizeLinear" not in [n.op_type for n in m.graph]

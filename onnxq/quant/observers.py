@@ -1,0 +1,613 @@
+"""Streaming tensor statistics and range setting (numpy only).
+
+An :class:`Observer` sees a tensor batch after batch and keeps, in memory that does not grow with
+the number of batches: the running min / max, the count of finite values (non-finite values, e.g.
+the ``-inf`` of an attention mask, are counted and left out), optionally the per-channel min / max
+along one axis, and a histogram of ``bins`` equal-width bins.
+
+**Histogram growth is exact.** The histogram covers ``[lo, lo + bins·w)``. When a batch falls
+outside, the bin width grows by the smallest integer factor ``k`` (``w' = k·w``) and the new left
+edge moves by a whole number ``m`` of old bins (``lo' = lo − m·w``), so every old bin lies inside
+exactly one new bin (old bin ``i`` → new bin ``(i + m) // k``). Counts are summed, never split:
+the result is *exactly* the histogram that all the data seen so far would have on the final edges
+(up to float rounding of the edges). Splitting counts proportionally (uniform mass inside an old
+bin) would smear the distribution a little at every growth and the errors would add up; the price
+of exactness is resolution, since the data always fills at least half of the final range
+(``k ≥ 2``: at least ``bins/2`` bins, 1024 of the default 2048, span the data, four per step
+of an 8-bit grid). The slack of a growth goes to the side(s) that grew, so a ReLU output that
+starts at 0 keeps no bins below 0.
+
+Range setting (``RANGE_METHODS``: name → ``f(obs, bits=8, symmetric=False, **options) -> (lo, hi)``)
+reads the histogram with mass uniform inside each bin (the first and last occupied bins clipped to
+the exact min / max). Every returned range contains 0, so that 0 is exactly representable and the
+zero-point stays on the integer grid; ``symmetric`` ranges are ``(−T, T)``.
+
+- ``minmax``: the running min / max.
+- ``percentile(p=99.99)``: ``lo, hi`` = the ``100 − p`` and ``p`` percentiles; symmetric:
+  ``T`` = the ``p`` percentile of ``|x|``.
+- ``mse`` (AIMET's *tf-enhanced* / SQNR idea): minimize over candidate ranges ``[a, b]`` the
+  expected squared error ``E(a, b) = n_in(a, b)·s²/12 + γ·(Σ_{x<a}(a − x)² + Σ_{x>b}(x − b)²)``,
+  rounding noise of a uniform grid of step ``s`` (``(b − a)/(2^bits − 1)``, symmetric
+  ``T/(2^(bits−1) − 1)``) plus clipping error, with moments computed in O(1) per candidate from
+  prefix sums over the histogram. ``γ = clip_weight = 1`` is plain MSE; ``sqnr`` is the same with
+  γ = 3, as AIMET weighs clipping noise.
+  Candidates: a coarse grid of fractions of the extent (linear 1 %…100 % plus geometric
+  0.01 %…1 % for heavy tails), then a fine grid around the best.
+- ``entropy`` (TensorRT / onnxruntime entropy calibration): for windows of the histogram
+  wider than the number of quantized bins ``n``, the reference distribution ``P`` is the window
+  with the outside mass added to its end bins, ``Q`` the window merged into ``n`` equal chunks and
+  spread back over the non-empty bins; the window minimizing ``KL(P‖Q)`` wins. Symmetric: windows
+  ``[0, T)`` of the ``|x|`` histogram, ``n = 2^(bits−1)``; one-signed data: the same with
+  ``n = 2^bits``; mixed signs, asymmetric: windows around 0 that keep the data's ratio of negative to
+  positive extent, ``n = 2^bits``. When ``n`` reaches the number of bins the range is min-max.
+
+:func:`weight_range` sets weight ranges per tensor or per channel, min-max or MSE (exact
+fake-quantization error over a grid of clip ratios, vectorized across channels).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "RANGE_METHODS",
+    "Observer",
+    "channel_minmax",
+    "compute_range",
+    "entropy",
+    "minmax",
+    "mse",
+    "percentile",
+    "sqnr",
+    "weight_range",
+]
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+from onnxq.errors import ConfigError
+from onnxq.quant.qparams import fake_quantize, qrange
+
+#: elements binned per step (bounds the temporary float64 copy of a large activation)
+_CHUNK = 1 << 20
+
+
+class Observer:
+    """Running min / max and a fixed-size histogram of one tensor; optional per-channel min / max.
+
+    ``axis``: also keep the min / max of every slice along this axis (``channel_min``,
+    ``channel_max``). Memory is ``bins`` int64 counts plus two arrays per channel, whatever the
+    number of batches.
+    """
+
+    def __init__(self, name: str = "", bins: int = 2048, axis: int | None = None) -> None:
+        if bins < 16:
+            raise ValueError(f"an observer needs at least 16 bins, got {bins}")
+        self.name = name
+        self.bins = int(bins)
+        self.axis = axis
+        self.batches = 0
+        self.count = 0  # finite values observed
+        self.nonfinite = 0  # NaN / ±Inf values seen and left out
+        self.zeros = 0  # values exactly 0 (quantized without error on any grid that holds 0)
+        self.min = math.inf
+        self.max = -math.inf
+        self.hist = np.zeros(self.bins, dtype=np.int64)
+        self.lo = 0.0  # left edge of the histogram
+        self.width = 0.0  # bin width; 0 while every value seen is the same number (all at ``lo``)
+        self.channel_min: np.ndarray | None = None
+        self.channel_max: np.ndarray | None = None
+
+    # -- accumulation ---------------------------------------------------------------------------
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x)
+        if x.dtype.kind not in "fiu":
+            raise TypeError(f"{self._label()}: cannot observe values of dtype {x.dtype}")
+        self.batches += 1
+        if x.size == 0:
+            return
+        mn, mx = x.min(), x.max()
+        finite = None
+        if not (np.isfinite(mn) and np.isfinite(mx)):
+            finite = np.isfinite(x)
+            self.nonfinite += int(x.size - np.count_nonzero(finite))
+        if self.axis is not None:
+            self._update_channels(x, finite)
+        if finite is not None:
+            x = x[finite]
+            if x.size == 0:
+                return
+            mn, mx = x.min(), x.max()
+        mn, mx = float(mn), float(mx)
+        self._grow(mn, mx)
+        self.min = min(self.min, mn)
+        self.max = max(self.max, mx)
+        self.count += int(x.size)
+        self.zeros += int(x.size - np.count_nonzero(x))
+        if self.width == 0.0:  # every value so far equals lo
+            self.hist[0] += x.size
+            return
+        flat = x.reshape(-1)
+        inv = 1.0 / self.width
+        for start in range(0, flat.size, _CHUNK):
+            part = flat[start : start + _CHUNK].astype(np.float64)
+            idx = np.floor((part - self.lo) * inv)
+            np.clip(idx, 0, self.bins - 1, out=idx)
+            self.hist += np.bincount(idx.astype(np.intp), minlength=self.bins)
+
+    def _update_channels(self, x: np.ndarray, finite: np.ndarray | None) -> None:
+        if x.ndim == 0:
+            raise ValueError(f"{self._label()}: per-channel axis {self.axis} given for a scalar")
+        axis = self.axis + x.ndim if self.axis < 0 else self.axis
+        if not 0 <= axis < x.ndim:
+            raise ValueError(
+                f"{self._label()}: per-channel axis {self.axis} is out of range for rank {x.ndim}"
+            )
+        others = tuple(i for i in range(x.ndim) if i != axis)
+        if finite is None:
+            cmin, cmax = x.min(axis=others), x.max(axis=others)
+        else:
+            cmin = np.where(finite, x, np.inf).min(axis=others)
+            cmax = np.where(finite, x, -np.inf).max(axis=others)
+        cmin, cmax = cmin.astype(np.float64), cmax.astype(np.float64)
+        if self.channel_min is None:
+            self.channel_min, self.channel_max = cmin, cmax
+            return
+        if cmin.shape != self.channel_min.shape:
+            raise ValueError(
+                f"{self._label()}: {cmin.size} channels along axis {self.axis}, "
+                f"earlier batches had {self.channel_min.size}"
+            )
+        np.minimum(self.channel_min, cmin, out=self.channel_min)
+        np.maximum(self.channel_max, cmax, out=self.channel_max)
+
+    def _grow(self, mn: float, mx: float) -> None:
+        """Make the histogram cover ``[mn, mx]`` (exact integer-factor merge, see module doc)."""
+        if self.count == 0:
+            self.lo, self.width = mn, (mx - mn) / self.bins
+            return
+        if self.width == 0.0:  # all earlier mass sits at lo: start a real histogram
+            if mn == mx == self.lo:
+                return
+            point, mass = self.lo, self.hist[0]
+            self.hist[0] = 0
+            self.lo = min(mn, point)
+            self.width = (max(mx, point) - self.lo) / self.bins
+            i = min(int((point - self.lo) / self.width), self.bins - 1)
+            self.hist[i] += mass
+            return
+        w, b = self.width, self.bins
+        hi = self.lo + w * b
+        if mn >= self.lo and mx <= hi:
+            return
+        below = math.ceil((self.lo - mn) / w) if mn < self.lo else 0
+        above = math.ceil((mx - hi) / w) if mx > hi else 0
+        need = b + below + above  # in old bins
+        k = -(-need // b)
+        slack = k * b - need
+        if below and above:
+            m = below + slack // 2
+        elif below:
+            m = below + slack
+        else:
+            m = below
+        new_index = (np.arange(b, dtype=np.int64) + m) // k
+        self.hist = np.bincount(new_index, weights=self.hist, minlength=b).astype(np.int64)
+        self.lo -= m * w
+        self.width = k * w
+
+    # -- views ----------------------------------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the statistics (constant in the number of batches)."""
+        total = self.hist.nbytes
+        if self.channel_min is not None:
+            total += self.channel_min.nbytes + self.channel_max.nbytes
+        return total
+
+    @property
+    def edges(self) -> np.ndarray:
+        """The ``bins + 1`` histogram edges."""
+        return self.lo + self.width * np.arange(self.bins + 1, dtype=np.float64)
+
+    def _label(self) -> str:
+        return f"tensor '{self.name}'" if self.name else "observer"
+
+    def _require_data(self) -> None:
+        if self.count == 0:
+            raise ValueError(f"{self._label()}: no finite values observed")
+
+    def _zero_bin(self) -> int:
+        return min(max(math.floor(-self.lo / self.width), 0), self.bins - 1)
+
+    def _clipped_edges(self) -> np.ndarray:
+        """Edges clamped to the exact [min, max]: mass is uniform on the clamped bins."""
+        return np.clip(self.edges, self.min, self.max)
+
+    def __repr__(self) -> str:
+        return (
+            f"Observer({self.name!r}, min={self.min:.6g}, max={self.max:.6g}, count={self.count}, "
+            f"batches={self.batches}, bins={self.bins})"
+        )
+
+
+# -- helpers on the histogram --------------------------------------------------------------------
+def _with_zero(lo: float, hi: float) -> tuple[float, float]:
+    return float(min(lo, 0.0)), float(max(hi, 0.0))
+
+
+def _degenerate(obs: Observer) -> bool:
+    return obs.width == 0.0 or obs.max <= obs.min
+
+
+def _cdf(obs: Observer, counts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Piecewise-linear CDF: (x at clamped edges, count below x)."""
+    xs = obs._clipped_edges()
+    counts = obs.hist if counts is None else counts
+    cum = np.concatenate(([0.0], np.cumsum(counts, dtype=np.float64)))
+    return xs, cum
+
+
+def _cdf_at(obs: Observer, t: np.ndarray, counts: np.ndarray | None = None) -> np.ndarray:
+    """Count of values below each ``t`` (uniform mass inside bins)."""
+    xs, cum = _cdf(obs, counts)
+    # np.interp needs increasing xp: drop the zero-width bins at the clamped ends
+    keep = np.concatenate(([True], np.diff(xs) > 0))
+    return np.interp(t, xs[keep], cum[keep], left=0.0, right=cum[-1])
+
+
+def _nonzero_counts(obs: Observer) -> np.ndarray:
+    """Histogram counts without the exact zeros (which quantize without error)."""
+    c = obs.hist.astype(np.float64)
+    if obs.zeros:
+        z = obs._zero_bin()
+        c[z] = max(c[z] - obs.zeros, 0.0)
+    return c
+
+
+def _inverse_cdf(xs: np.ndarray, cum: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Smallest x with CDF(x) = target, linear inside each bin."""
+    targets = np.asarray(targets, dtype=np.float64)
+    j = np.clip(np.searchsorted(cum, targets, side="left"), 1, len(cum) - 1)
+    c0, c1 = cum[j - 1], cum[j]
+    frac = np.where(c1 > c0, (targets - c0) / np.where(c1 > c0, c1 - c0, 1.0), 0.0)
+    return xs[j - 1] + np.clip(frac, 0.0, 1.0) * (xs[j] - xs[j - 1])
+
+
+def _abs_cdf_points(obs: Observer) -> tuple[np.ndarray, np.ndarray]:
+    """Breakpoints t and G(t) = count of |x| < t (exact under the uniform-in-bin model)."""
+    xs, _ = _cdf(obs)
+    t = np.unique(np.concatenate(([0.0], np.abs(xs))))
+    g = _cdf_at(obs, t) - _cdf_at(obs, -t)
+    return t, np.maximum.accumulate(np.maximum(g, 0.0))
+
+
+# -- range methods --------------------------------------------------------------------------------
+def minmax(obs: Observer, bits: int = 8, symmetric: bool = False) -> tuple[float, float]:
+    """Running min / max (with 0 included); symmetric: ``±max|x|``."""
+    obs._require_data()
+    if symmetric:
+        t = max(abs(obs.min), abs(obs.max))
+        return -t, t
+    return _with_zero(obs.min, obs.max)
+
+
+def percentile(
+    obs: Observer, bits: int = 8, symmetric: bool = False, p: float = 99.99
+) -> tuple[float, float]:
+    """Clip at the ``p`` percentile (and ``100 − p`` below); symmetric: ``p`` percentile of |x|."""
+    obs._require_data()
+    if not 50.0 < p <= 100.0:
+        raise ConfigError(f"percentile must be in (50, 100], got {p}")
+    if _degenerate(obs):
+        return minmax(obs, bits, symmetric)
+    if symmetric:
+        t, g = _abs_cdf_points(obs)
+        thr = float(_inverse_cdf(t, g, g[-1] * p / 100.0))
+        return -thr, thr
+    xs, cum = _cdf(obs)
+    lo, hi = _inverse_cdf(xs, cum, cum[-1] * np.array([1.0 - p / 100.0, p / 100.0]))
+    return _with_zero(max(float(lo), obs.min), min(float(hi), obs.max))
+
+
+class _Moments:
+    """Mass, Σx and Σx² of the observed distribution below any t, in O(log bins) per query."""
+
+    def __init__(self, obs: Observer) -> None:
+        xs = obs._clipped_edges()
+        self.l, self.r = xs[:-1], xs[1:]
+        c = _nonzero_counts(obs)  # exact zeros cost nothing: no rounding noise, never clipped
+        self.c = c
+        zero = np.zeros(1)
+        self.p0 = np.concatenate((zero, np.cumsum(c)))
+        self.p1 = np.concatenate((zero, np.cumsum(c * (self.l + self.r) / 2)))
+        self.p2 = np.concatenate(
+            (zero, np.cumsum(c * (self.l**2 + self.l * self.r + self.r**2) / 3))
+        )
+        self.total = (self.p0[-1], self.p1[-1], self.p2[-1])
+
+    def below(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        j = np.searchsorted(self.r, t, side="right")  # bins entirely below t
+        m0, m1, m2 = self.p0[j], self.p1[j], self.p2[j]
+        jj = np.minimum(j, len(self.c) - 1)
+        l, r, c = self.l[jj], self.r[jj], self.c[jj]
+        width = r - l
+        inside = (j < len(self.c)) & (width > 0) & (t > l)
+        frac = np.where(inside, (t - l) / np.where(width > 0, width, 1.0), 0.0)
+        part = c * np.clip(frac, 0.0, 1.0)
+        return (
+            m0 + part,
+            m1 + part * (l + t) / 2,
+            m2 + part * (l * l + l * t + t * t) / 3,
+        )
+
+    def error(
+        self, a: np.ndarray, b: np.ndarray, step: np.ndarray, clip_weight: float
+    ) -> np.ndarray:
+        a0, a1, a2 = self.below(a)
+        b0, b1, b2 = self.below(b)
+        t0, t1, t2 = self.total
+        clip_lo = a * a * a0 - 2 * a * a1 + a2
+        clip_hi = (t2 - b2) - 2 * b * (t1 - b1) + b * b * (t0 - b0)
+        inside = b0 - a0
+        return inside * step * step / 12.0 + clip_weight * (
+            np.maximum(clip_lo, 0.0) + np.maximum(clip_hi, 0.0)
+        )
+
+
+_COARSE = np.unique(np.concatenate((np.geomspace(1e-4, 1e-2, 20), np.linspace(0.01, 1.0, 100))))
+
+
+def _refine(best: float) -> np.ndarray:
+    """Fractions around ``best``, between its coarse neighbours."""
+    i = int(np.searchsorted(_COARSE, best))
+    lo = _COARSE[max(i - 1, 0)]
+    hi = _COARSE[min(i + 1, len(_COARSE) - 1)]
+    return np.unique(np.clip(np.linspace(lo, hi, 41), 1e-6, 1.0))
+
+
+def mse(
+    obs: Observer, bits: int = 8, symmetric: bool = False, clip_weight: float = 1.0
+) -> tuple[float, float]:
+    """Range minimizing rounding noise + ``clip_weight`` × clipping error (see module doc)."""
+    obs._require_data()
+    if _degenerate(obs):
+        return minmax(obs, bits, symmetric)
+    mom = _Moments(obs)
+    if symmetric:
+        amax = max(abs(obs.min), abs(obs.max))
+        levels = 2 ** (bits - 1) - 1
+
+        def cost(f: np.ndarray) -> np.ndarray:
+            t = f * amax
+            return mom.error(-t, t, t / levels, clip_weight)
+
+        f = _COARSE[np.argmin(cost(_COARSE))]
+        fine = _refine(f)
+        f = fine[np.argmin(cost(fine))]
+        return -float(f * amax), float(f * amax)
+
+    lo0, hi0 = _with_zero(obs.min, obs.max)
+    levels = 2**bits - 1
+
+    def cost2(fa: np.ndarray, fb: np.ndarray) -> np.ndarray:
+        a = lo0 * fa[:, None]
+        b = hi0 * fb[None, :]
+        step = np.maximum(b - a, 1e-300) / levels
+        return mom.error(a, b, step, clip_weight)
+
+    ca = _COARSE if lo0 < 0 else np.ones(1)
+    cb = _COARSE if hi0 > 0 else np.ones(1)
+    e = cost2(ca, cb)
+    i, j = np.unravel_index(np.argmin(e), e.shape)
+    fa = _refine(ca[i]) if lo0 < 0 else ca
+    fb = _refine(cb[j]) if hi0 > 0 else cb
+    e = cost2(fa, fb)
+    i, j = np.unravel_index(np.argmin(e), e.shape)
+    return float(lo0 * fa[i]), float(hi0 * fb[j])
+
+
+def sqnr(obs: Observer, bits: int = 8, symmetric: bool = False) -> tuple[float, float]:
+    """AIMET's tf-enhanced weighting: :func:`mse` with clipping error counted 3×."""
+    return mse(obs, bits, symmetric, clip_weight=3.0)
+
+
+def _resample(obs: Observer, edges: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``counts`` (on the observer's bins) moved to other edges (uniform mass inside bins)."""
+    return np.diff(_cdf_at(obs, edges, counts))
+
+
+def _kl(hist: np.ndarray, prefix: np.ndarray, start: int, end: int, n: int) -> float:
+    sliced = hist[start:end]
+    p = sliced.copy()
+    p[0] += prefix[start]
+    p[-1] += prefix[-1] - prefix[end]
+    length = end - start
+    chunk = np.minimum(np.arange(length) // (length // n), n - 1)
+    nonzero = p > 0
+    qsum = np.bincount(chunk, weights=sliced, minlength=n)
+    qnz = np.bincount(chunk, weights=nonzero, minlength=n)
+    q = np.where(nonzero, qsum[chunk] / np.maximum(qnz[chunk], 1.0), 0.0)
+    if q.sum() <= 0:
+        return math.inf
+    p = p[nonzero] / p.sum()
+    q = q[nonzero] / q.sum()
+    q = np.where(q > 0, q, 1e-12)
+    return float(np.sum(p * np.log(p / q)))
+
+
+def _kl_search(
+    hist: np.ndarray, n: int, windows: Callable[[int], tuple[int, int]], total: int
+) -> int:
+    """The window size (in bins, ``n`` … ``total``) whose window minimizes KL(P‖Q)."""
+    prefix = np.concatenate(([0.0], np.cumsum(hist)))
+
+    def score(size: int) -> float:
+        start, end = windows(size)
+        return _kl(hist, prefix, start, end, n)
+
+    stride = max(1, (total - n) // 256)
+    sizes = list(range(n, total + 1, stride))
+    if sizes[-1] != total:
+        sizes.append(total)
+    scores = [score(s) for s in sizes]
+    best = sizes[int(np.argmin(scores))]
+    if stride > 1:
+        fine = range(max(n, best - stride + 1), min(total, best + stride - 1) + 1)
+        best = min(fine, key=score)
+    return best
+
+
+def entropy(obs: Observer, bits: int = 8, symmetric: bool = False) -> tuple[float, float]:
+    """Range minimizing KL(P‖Q) between the histogram and its quantized version (module doc)."""
+    obs._require_data()
+    if _degenerate(obs):
+        return minmax(obs, bits, symmetric)
+    bins = obs.bins
+    one_signed = obs.min >= 0 or obs.max <= 0
+    if symmetric or one_signed:
+        n = 2 ** (bits - 1) if symmetric else 2**bits
+        amax = max(abs(obs.min), abs(obs.max))
+        if n >= bins:
+            return minmax(obs, bits, symmetric)
+        t_edges = np.linspace(0.0, amax, bins + 1)
+        counts = _nonzero_counts(obs)
+        hist = _resample(obs, t_edges, counts) + _resample(obs, -t_edges[::-1], counts)[::-1]
+        size = _kl_search(hist, n, lambda s: (0, s), bins)
+        t = float(t_edges[size])
+        if symmetric:
+            return -t, t
+        return (0.0, t) if obs.max > 0 else (-t, 0.0)
+    n = 2**bits
+    if n >= bins:
+        return minmax(obs, bits, symmetric)
+    w = (obs.max - obs.min) / bins
+    neg, pos = math.ceil(-obs.min / w), math.ceil(obs.max / w)
+    edges = w * np.arange(-neg, pos + 1, dtype=np.float64)
+    hist = _resample(obs, edges, _nonzero_counts(obs))
+    total = neg + pos
+
+    def window(size: int) -> tuple[int, int]:
+        k = min(max(round(size * neg / total), 0), neg)
+        return neg - k, min(neg - k + size, total)
+
+    start, end = window(_kl_search(hist, n, window, total))
+    return _with_zero(float(edges[start]), float(edges[end]))
+
+
+RangeMethod = Callable[..., tuple[float, float]]
+
+#: name → ``f(observer, bits=8, symmetric=False, **options) -> (lo, hi)``
+RANGE_METHODS: dict[str, RangeMethod] = {
+    "minmax": minmax,
+    "percentile": percentile,
+    "mse": mse,
+    "sqnr": sqnr,
+    "entropy": entropy,
+}
+
+
+def compute_range(
+    obs: Observer, method: str = "minmax", bits: int = 8, symmetric: bool = False, **options
+) -> tuple[float, float]:
+    """Look ``method`` up in :data:`RANGE_METHODS` and apply it to ``obs``."""
+    try:
+        fn = RANGE_METHODS[method]
+    except KeyError:
+        raise ConfigError(
+            f"unknown range method '{method}'; choose one of {', '.join(RANGE_METHODS)}"
+        ) from None
+    return fn(obs, bits=bits, symmetric=symmetric, **options)
+
+
+def channel_minmax(obs: Observer, symmetric: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (lo, hi) arrays from an observer created with ``axis`` (0 included)."""
+    if obs.channel_min is None:
+        raise ValueError(f"{obs._label()}: no per-channel statistics (create it with axis=...)")
+    lo = np.minimum(obs.channel_min, 0.0)
+    hi = np.maximum(obs.channel_max, 0.0)
+    if symmetric:
+        hi = np.maximum(-lo, hi)
+        lo = -hi
+    return lo, hi
+
+
+# -- weights ---------------------------------------------------------------------------------------
+_WEIGHT_SAMPLE = 1 << 18  # elements used by the MSE search (all channels together)
+_WEIGHT_COARSE = np.unique(np.concatenate((np.geomspace(0.01, 0.2, 12), np.linspace(0.2, 1.0, 33))))
+
+
+def weight_range(
+    w: np.ndarray,
+    axis: int | None = None,
+    method: str = "minmax",
+    bits: int = 8,
+    symmetric: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(lo, hi) of a weight: 0-d arrays per tensor, ``(C,)`` arrays per channel along ``axis``.
+
+    ``minmax``: the extremes (0 included; symmetric ``±max|w|``). ``mse``: the extremes scaled by the
+    clip ratio (one per channel) minimizing the exact squared fake-quantization error of the
+    weight, searched on a coarse grid of ratios then refined around each channel's best; symmetric
+    grids are strict (``±(2^(bits−1) − 1)``, as onnxruntime quantizes symmetric weights). Large
+    weights are searched on a fixed subsample of ≤ 2^18 elements (at least 256 per channel).
+    """
+    if method not in ("minmax", "mse"):
+        raise ConfigError(f"unknown weight range method '{method}'; choose minmax or mse")
+    w = np.asarray(w)
+    if axis is None:
+        flat = w.reshape(1, -1)
+    else:
+        if not -w.ndim <= axis < w.ndim:
+            raise ValueError(f"axis {axis} out of range for a weight of rank {w.ndim}")
+        flat = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    flat = flat.astype(np.float64)
+    if flat.size == 0:
+        raise ValueError("empty weight")
+    lo = np.minimum(flat.min(axis=1), 0.0)
+    hi = np.maximum(flat.max(axis=1), 0.0)
+    if symmetric:
+        hi = np.maximum(-lo, hi)
+        lo = -hi
+    if method == "mse":
+        ratio = _weight_mse_ratio(flat, lo, hi, bits, symmetric)
+        lo, hi = lo * ratio, hi * ratio
+    if axis is None:
+        return lo.reshape(()), hi.reshape(())
+    return lo, hi
+
+
+def _weight_mse_ratio(
+    flat: np.ndarray, lo: np.ndarray, hi: np.ndarray, bits: int, symmetric: bool
+) -> np.ndarray:
+    channels, k = flat.shape
+    keep = max(256, _WEIGHT_SAMPLE // channels)
+    if k > keep:
+        cols = np.sort(np.random.default_rng(0).choice(k, keep, replace=False))
+        flat = flat[:, cols]
+    rng = qrange(bits, signed=True, strict=True) if symmetric else qrange(bits, signed=False)
+
+    def errors(ratio: np.ndarray) -> np.ndarray:
+        """Squared error per channel for each ratio: ratio (R, C) or (R, 1) → (R, C)."""
+        out = np.empty((ratio.shape[0], channels))
+        for i, r in enumerate(ratio):
+            a, b = lo * r, hi * r
+            if symmetric:
+                scale = np.maximum(b / rng.qmax, 1e-12)
+                zp = np.zeros_like(scale)
+            else:
+                scale = np.maximum((b - a) / (rng.qmax - rng.qmin), 1e-12)
+                zp = np.clip(np.rint(rng.qmin - a / scale), rng.qmin, rng.qmax)
+            fq = fake_quantize(flat, scale[:, None], zp[:, None], rng)
+            out[i] = np.square(fq - flat).sum(axis=1)
+        return out
+
+    coarse = _WEIGHT_COARSE
+    err = errors(np.broadcast_to(coarse[:, None], (len(coarse), channels)))
+    best = np.argmin(err, axis=0)
+    lo_r = coarse[np.maximum(best - 1, 0)]
+    hi_r = coarse[np.minimum(best + 1, len(coarse) - 1)]
+    fine = lo_r[None, :] + (hi_r - lo_r)[None, :] * np.linspace(0.0, 1.0, 17)[:, None]
+    candidates = np.concatenate((coarse[best][None, :], fine))
+    err = errors(candidates)
+    return candidates[np.argmin(err, axis=0), np.arange(channels)]

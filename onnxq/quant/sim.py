@@ -1,0 +1,167 @@
+"""``onnxq.quantize``: float model + calibration data → a QDQ model that onnxruntime runs.
+
+Steps (decide, then do): optional float passes (e.g. ``dfq``) → :func:`annotate` decides every
+quantizer → one onnxruntime session over a copy of the float model with the needed intermediates
+exposed streams the calibration data into running statistics → ranges per tied group
+(min-max / percentile / MSE / entropy) → :func:`insert_qdq` writes standard Q/DQ pairs. The
+result's ``model`` is the simulation and the deployable model at once.
+"""
+
+from __future__ import annotations
+
+__all__ = ["QuantSim", "quantize"]
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxq.errors import UnsupportedModelError
+from onnxq.quant.annotate import QuantPlan, annotate
+from onnxq.quant.config import QuantConfig, preset
+from onnxq.quant.insert_qdq import Encoding, insert_qdq, required_opset
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class QuantSim:
+    """A quantized model: ``model`` (QDQ), the ``float_model`` it came from, and its encodings."""
+
+    model: ir.Model
+    float_model: ir.Model
+    encodings: list[Encoding]
+    config: QuantConfig
+    plan: QuantPlan
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        from onnxq.runtime import run
+
+        return run(self.model, feeds, optimize=True)
+
+    def encodings_dict(self) -> dict[str, Any]:
+        """AIMET encodings format 1.0.0 (keys are ONNX tensor names)."""
+
+        def entry(e: Encoding) -> dict[str, Any]:
+            grid = e.grid()
+            mins = [(grid.qmin - z) * s for s, z in zip(e.scale, e.zero_point)]
+            maxs = [(grid.qmax - z) * s for s, z in zip(e.scale, e.zero_point)]
+            return {
+                "name": e.name,
+                "enc_type": "PER_CHANNEL" if len(e.scale) > 1 else "PER_TENSOR",
+                "dtype": "INT", "bw": e.bits, "is_sym": e.symmetric,
+                "scale": list(e.scale), "offset": list(e.offset),
+                "min": mins, "max": maxs,
+            }
+
+        return {
+            "version": "1.0.0",
+            "activation_encodings": [entry(e) for e in self.encodings if e.kind == "activation"],
+            "param_encodings": [entry(e) for e in self.encodings if e.kind == "param"],
+            "quantizer_args": {"config": self.config.to_dict()},
+        }
+
+    def export(self, out_dir: str | os.PathLike, name: str = "model") -> dict[str, Path]:
+        """Write ``<name>.qdq.onnx``, ``<name>.float.onnx`` and ``<name>.encodings.json``."""
+        from onnxq.io import save
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {
+            "qdq": save(self.model, out / f"{name}.qdq.onnx", overwrite=True),
+            "float": save(self.float_model, out / f"{name}.float.onnx", overwrite=True),
+        }
+        enc = out / f"{name}.encodings.json"
+        tmp = enc.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.encodings_dict(), indent=1))
+        os.replace(tmp, enc)
+        paths["encodings"] = enc
+        return paths
+
+
+def _upgrade_opset(model: ir.Model, need: int) -> ir.Model:
+    have = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+    if have >= need:
+        return model
+    import onnx.version_converter
+
+    try:
+        proto = onnx.version_converter.convert_version(ir.to_proto(model), need)
+    except Exception as exc:  # noqa: BLE001 - report any converter failure in one line
+        raise UnsupportedModelError(
+            f"the model's opset {have} must be raised to {need} for this quantization "
+            f"(per-channel or non-8-bit Q/DQ) and the ONNX version converter failed: {exc}"
+        ) from exc
+    log.info("raised the model's opset from %d to %d", have, need)
+    return ir.serde.deserialize_model(proto)
+
+
+def quantize(
+    model: Any,
+    calibration_data: Any,
+    config: QuantConfig | str | Mapping[str, Any] = "default",
+    passes: str | Iterable[str] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> QuantSim:
+    """Quantize ``model`` with ranges calibrated on ``calibration_data``.
+
+    ``config``: a :class:`QuantConfig`, a preset name (``default``, ``per-channel``, ``w8a16``)
+    or a config dict. ``passes``: float passes to run first (e.g. ``"dfq"``).
+    """
+    import onnxq
+    from onnxq.quant.observers import RANGE_METHODS, weight_range
+    from onnxq.runtime.capture import collect_statistics
+
+    if isinstance(config, str):
+        config = preset(config)
+    elif not isinstance(config, QuantConfig):
+        config = QuantConfig.from_dict(config)
+    float_model = onnxq.optimize(model, passes=passes if passes is not None else [])
+    plan = annotate(float_model, config)
+    float_model = _upgrade_opset(float_model, required_opset(plan))
+    plan = annotate(float_model, config)  # values may be new objects after an opset upgrade
+
+    names = sorted({v.name for g in plan.groups for v in g.members if v.name})
+    observers = collect_statistics(float_model, names, calibration_data, progress=progress)
+    ranges: dict[int, tuple[float, float]] = {}
+    for group in plan.groups:
+        if group.fixed_range is not None:
+            ranges[id(group)] = group.fixed_range
+            continue
+        los, his = [], []
+        for v in group.members:
+            obs = observers.get(v.name)
+            if obs is None:
+                continue
+            lo, hi = RANGE_METHODS[group.spec.range_method](
+                obs, bits=group.spec.bits, symmetric=group.spec.symmetric
+            )
+            los.append(lo)
+            his.append(hi)
+        ranges[id(group)] = (min(los), max(his)) if los else (0.0, 1.0)
+
+    qdq = float_model.clone()
+    plan_q = annotate(qdq, config)
+    if [[v.name for v in g.quantized] for g in plan.groups] != [
+        [v.name for v in g.quantized] for g in plan_q.groups
+    ]:
+        raise RuntimeError("annotation is not deterministic across a model copy")
+    ranges_q = {id(gq): ranges[id(g)] for g, gq in zip(plan.groups, plan_q.groups)}
+    weight_ranges = {}
+    for site in plan_q.weights:
+        if site.spec.range_method == "mse":
+            weight_ranges[id(site.value)] = weight_range(
+                site.value.const_value.numpy(), axis=site.axis, method="mse",
+                bits=site.spec.bits, symmetric=site.spec.symmetric,
+            )
+    encodings = insert_qdq(qdq, plan_q, ranges_q, weight_ranges)
+    from onnxq.passes.cleanup import Cleanup
+
+    Cleanup()(qdq)  # the float weights the integer ones replaced are now unused
+    return QuantSim(qdq, float_model, encodings, config, plan)

@@ -1,0 +1,197 @@
+"""Observers: exact histogram growth, constant memory, and the range-setting methods."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnxq.errors import ConfigError
+from onnxq.quant.observers import (
+    RANGE_METHODS,
+    Observer,
+    channel_minmax,
+    compute_range,
+    entropy,
+    minmax,
+    mse,
+    percentile,
+    weight_range,
+)
+from onnxq.quant.qparams import fake_quantize, qrange
+
+
+def _fed(*arrays: np.ndarray, **kw) -> Observer:
+    obs = Observer("t", **kw)
+    for a in arrays:
+        obs.update(a)
+    return obs
+
+
+def _fq_mse(x: np.ndarray, lo: float, hi: float, bits: int = 8, symmetric: bool = False) -> float:
+    if symmetric:
+        rng = qrange(bits, signed=True, strict=True)
+        scale, zp = hi / rng.qmax, 0.0
+    else:
+        rng = qrange(bits, signed=False)
+        scale = (hi - lo) / rng.qmax
+        zp = np.clip(np.rint(-lo / scale), rng.qmin, rng.qmax)
+    x = x.astype(np.float64)
+    return float(np.mean((fake_quantize(x, scale, zp, rng) - x) ** 2))
+
+
+@pytest.fixture(scope="module")
+def gauss() -> np.ndarray:
+    return np.random.default_rng(0).standard_normal(200_000).astype(np.float32)
+
+
+def test_growth_is_exact_and_keeps_count_and_extremes():
+    rng = np.random.default_rng(1)
+    batches = [
+        rng.standard_normal(5000).astype(np.float32) * s + o
+        for s, o in [(0.1, 0), (1, 0), (3, 2), (0.5, -9), (10, 0), (1, 40)]
+    ]
+    obs = _fed(*batches)
+    data = np.concatenate(batches)
+    assert obs.hist.sum() == obs.count == data.size
+    assert obs.min == float(data.min()) and obs.max == float(data.max())
+    ref, _ = np.histogram(data.astype(np.float64), bins=obs.edges)
+    # counts are summed bin into bin, never split: the histogram of all data on the final edges
+    # (a value on an edge may land on either side by float rounding of the edges)
+    assert np.abs(ref - obs.hist).sum() <= 2
+    assert obs.edges[0] <= data.min() and obs.edges[-1] >= data.max()
+    # the data fills at least half the range
+    assert (data.max() - data.min()) >= 0.5 * (obs.edges[-1] - obs.edges[0]) - 2 * obs.width
+
+
+def test_growth_only_on_the_side_that_grew():
+    rng = np.random.default_rng(2)
+    first = np.abs(rng.standard_normal(1000)) + 0.5
+    obs = _fed(first, *(np.abs(rng.standard_normal(1000)) * s + 0.5 for s in (5, 30)))
+    assert obs.lo == float(first.min())  # no bins wasted below data that only grew upwards
+    assert obs.edges[-1] >= obs.max
+
+
+def test_constant_batches_then_spread():
+    obs = _fed(np.full(10, 3.0), np.full(5, 3.0))
+    assert obs.width == 0 and obs.hist.sum() == 15
+    assert minmax(obs) == (0.0, 3.0)
+    obs.update(np.array([-1.0, 5.0]))
+    assert obs.hist.sum() == 17 and obs.min == -1.0 and obs.max == 5.0
+    assert obs.hist[int((3.0 - obs.lo) / obs.width)] >= 15
+
+
+def test_memory_does_not_grow():
+    rng = np.random.default_rng(3)
+    obs = Observer("t", axis=1)
+    obs.update(rng.standard_normal((2, 4, 8)))
+    after_one = obs.nbytes
+    for i in range(99):
+        obs.update(rng.standard_normal((2, 4, 8)) * (1 + i))
+    assert obs.nbytes == after_one and obs.batches == 100
+    assert obs.hist.shape == (2048,)
+
+
+def test_nonfinite_values_are_counted_and_left_out():
+    x = np.array([1.0, -np.inf, 2.0, np.nan, -3.0], dtype=np.float32)
+    obs = _fed(x, axis=0)
+    assert obs.nonfinite == 2 and obs.count == 3
+    assert (obs.min, obs.max) == (-3.0, 2.0)
+    assert np.isinf(obs.channel_min[1])  # a channel with no finite value keeps ±inf
+
+
+def test_minmax_is_exact_and_includes_zero(gauss):
+    obs = _fed(gauss)
+    assert minmax(obs) == (float(gauss.min()), float(gauss.max()))
+    t = float(np.abs(gauss).max())
+    assert minmax(obs, symmetric=True) == (-t, t)
+    assert minmax(_fed(np.array([2.0, 5.0]))) == (0.0, 5.0)
+
+
+def test_per_channel_minmax():
+    x = np.random.default_rng(4).standard_normal((3, 5, 7)).astype(np.float32)
+    obs = _fed(x[:2], x[2:], axis=1)
+    np.testing.assert_array_equal(obs.channel_min, x.min(axis=(0, 2)))
+    np.testing.assert_array_equal(obs.channel_max, x.max(axis=(0, 2)))
+    lo, hi = channel_minmax(obs, symmetric=True)
+    np.testing.assert_array_equal(hi, np.abs(x).max(axis=(0, 2)))
+    np.testing.assert_array_equal(lo, -hi)
+
+
+@pytest.mark.parametrize("p", [99.0, 99.9, 99.99])
+def test_percentile_matches_numpy_within_one_bin(gauss, p):
+    obs = _fed(gauss[:50_000], gauss[50_000:] * 1.5)
+    data = np.concatenate([gauss[:50_000], gauss[50_000:] * 1.5])
+    lo, hi = percentile(obs, p=p)
+    ref_lo, ref_hi = np.percentile(data, [100 - p, p])
+    assert abs(lo - ref_lo) <= obs.width and abs(hi - ref_hi) <= obs.width
+    _, t = percentile(obs, symmetric=True, p=p)
+    assert abs(t - np.percentile(np.abs(data), p)) <= obs.width
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_mse_is_narrower_and_better_than_minmax(gauss, symmetric):
+    obs = _fed(gauss)
+    lo_m, hi_m = minmax(obs, symmetric=symmetric)
+    lo, hi = mse(obs, bits=8, symmetric=symmetric)
+    assert lo_m < lo < 0 < hi < hi_m
+    assert _fq_mse(gauss, lo, hi, 8, symmetric) < _fq_mse(gauss, lo_m, hi_m, 8, symmetric)
+
+
+def test_mse_on_relu_output_counts_exact_zeros_as_free():
+    x = np.maximum(np.random.default_rng(5).laplace(size=100_000), 0).astype(np.float32)
+    obs = _fed(x)
+    lo, hi = mse(obs, bits=4)
+    assert lo == 0.0 and 0 < hi < obs.max
+    assert _fq_mse(x, lo, hi, 4) < _fq_mse(x, 0.0, obs.max, 4)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_entropy_range_is_finite_and_inside_minmax(gauss, symmetric):
+    for x in (gauss, np.maximum(gauss, 0) ** 2):
+        obs = _fed(x)
+        lo, hi = entropy(obs, bits=8, symmetric=symmetric)
+        lo_m, hi_m = minmax(obs, symmetric=symmetric)
+        assert np.isfinite([lo, hi]).all() and lo <= 0 <= hi and hi > 0
+        assert lo_m <= lo and hi <= hi_m
+
+
+def test_every_method_handles_degenerate_and_needs_data():
+    const = _fed(np.zeros(7))
+    for name in RANGE_METHODS:
+        assert compute_range(const, name) == (0.0, 0.0)
+        with pytest.raises(ValueError, match="no finite values"):
+            compute_range(Observer("empty"), name)
+
+
+def test_unknown_method_is_a_config_error(gauss):
+    with pytest.raises(ConfigError, match="unknown range method 'kl'"):
+        compute_range(_fed(gauss), "kl")
+    with pytest.raises(ConfigError, match="percentile"):
+        percentile(_fed(gauss), p=20)
+
+
+def test_weight_range_minmax_per_tensor_and_per_channel():
+    w = np.random.default_rng(6).standard_normal((4, 3, 3, 3)).astype(np.float32)
+    lo, hi = weight_range(w)
+    assert lo.shape == () and float(hi) == float(np.abs(w).max()) == -float(lo)
+    lo, hi = weight_range(w, axis=0, symmetric=False)
+    np.testing.assert_array_equal(lo, np.minimum(w.reshape(4, -1).min(1), 0))
+    np.testing.assert_array_equal(hi, np.maximum(w.reshape(4, -1).max(1), 0))
+    lo, hi = weight_range(w, axis=-1)
+    assert hi.shape == (3,)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_weight_range_mse_per_channel_lowers_error(symmetric):
+    rng = np.random.default_rng(7)
+    w = rng.laplace(size=(8, 64)) * rng.uniform(0.5, 2, size=(8, 1))
+    lo_m, hi_m = weight_range(w, axis=0, bits=4, symmetric=symmetric)
+    lo, hi = weight_range(w, axis=0, method="mse", bits=4, symmetric=symmetric)
+    assert np.all(hi <= hi_m) and np.all(lo >= lo_m) and np.any(hi < hi_m)
+    for c in range(8):
+        if symmetric:
+            assert _fq_mse(w[c], lo[c], hi[c], 4, True) <= _fq_mse(w[c], lo_m[c], hi_m[c], 4, True)
+        else:
+            assert _fq_mse(w[c], lo[c], hi[c], 4) <= _fq_mse(w[c], lo_m[c], hi_m[c], 4) * 1.0001
+    with pytest.raises(ConfigError, match="weight range method"):
+        weight_range(w, method="entropy")

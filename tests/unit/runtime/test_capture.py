@@ -1,0 +1,113 @@
+"""collect_statistics: one session with intermediates exposed, statistics equal to a hand run."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from conftest import model_from_text
+
+from onnxq.errors import ConfigError
+from onnxq.runtime import create_session
+from onnxq.runtime.capture import collect_statistics
+
+CONV_RELU = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,3,8,8] x) => (float[N,4,8,8] y) <float[4,3,3,3] w, float[4] b> {
+  c = Conv<pads=[1,1,1,1]>(x, w, b)
+  y = Relu(c)
+  s = Shape(y)
+}"""
+
+
+def _batches(n: int = 4) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    return [{"x": rng.standard_normal((2, 3, 8, 8)).astype(np.float32) * (i + 1)} for i in range(n)]
+
+
+def _by_hand(model: ir.Model, name: str, batches) -> np.ndarray:
+    """Expose ``name`` as the only output of a copy and run every batch."""
+    copy = model.clone()
+    value = next(v for n in copy.graph for v in n.outputs if v.name == name)
+    copy.graph.outputs.clear()
+    copy.graph.outputs.append(value)
+    sess = create_session(copy)
+    return np.concatenate([sess.run(None, b)[0] for b in batches])
+
+
+def test_matches_a_hand_exposed_run():
+    model = model_from_text(CONV_RELU)
+    before = [v.name for v in model.graph.outputs]
+    batches = _batches()
+    calls = []
+    stats = collect_statistics(
+        model, ["x", "c", "y"], iter(batches), per_channel_axes={"c": 1}, progress=calls.append
+    )
+    assert calls == [1, 1, 1, 1]
+    assert [v.name for v in model.graph.outputs] == before  # the model is untouched
+    assert set(stats) == {"x", "c", "y"}
+    for name in ("c", "y"):
+        ref = _by_hand(model, name, batches)
+        obs = stats[name]
+        assert (obs.min, obs.max, obs.count, obs.batches) == (
+            float(ref.min()),
+            float(ref.max()),
+            ref.size,
+            4,
+        )
+        hist, _ = np.histogram(ref.astype(np.float64), bins=obs.edges)
+        assert np.abs(hist - obs.hist).sum() <= 2
+    ref = _by_hand(model, "c", batches)
+    np.testing.assert_array_equal(stats["c"].channel_min, ref.min(axis=(0, 2, 3)))
+    np.testing.assert_array_equal(stats["c"].channel_max, ref.max(axis=(0, 2, 3)))
+    x = np.concatenate([b["x"] for b in batches])
+    assert (stats["x"].min, stats["x"].max) == (float(x.min()), float(x.max()))
+    assert stats["y"].zeros == int((ref <= 0).sum())
+
+
+def test_inputs_only_and_untyped_intermediates():
+    model = model_from_text(CONV_RELU)
+    assert next(v for n in model.graph for v in n.outputs if v.name == "c").dtype is None
+    stats = collect_statistics(model, ["x"], _batches(2))
+    assert stats["x"].batches == 2
+    stats = collect_statistics(model, ["c"], _batches(1), bins=64)
+    assert stats["c"].hist.shape == (64,) and stats["c"].count == 2 * 4 * 8 * 8
+
+
+@pytest.mark.parametrize(
+    "names, axes, message",
+    [
+        (["nope"], None, r"tensor 'nope' is neither an input nor a node output"),
+        (["w"], None, r"tensor 'w' is a constant initializer"),
+        (["s"], None, r"tensor 's' is INT64: only float tensors"),
+        (["c"], {"y": 1}, r"per-channel axis given for 'y'"),
+        (["c"], {"c": 5}, r"tensor 'c': per-channel axis 5 is out of range for rank 4"),
+    ],
+)
+def test_bad_requests(names, axes, message):
+    model = model_from_text(CONV_RELU)
+    with pytest.raises(ConfigError, match=message):
+        collect_statistics(model, names, _batches(1), per_channel_axes=axes)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ([{"image": np.zeros((1, 3, 8, 8), np.float32)}], r"unknown input 'image'"),
+        ([np.zeros((1, 3, 8), np.float32)], r"input 'x' has shape \(1, 3, 8\)"),
+        ([np.zeros((1, 3, 8, 8), np.int64)], r"input 'x' is int64 but the model expects float32"),
+        ([np.full((1, 3, 8, 8), np.nan, np.float32)], r"input 'x' has 192 NaN"),
+        ([], r"no batches \(model inputs: 'x'\)"),
+    ],
+)
+def test_bad_data_is_a_config_error_naming_the_input(data, message):
+    with pytest.raises(ConfigError, match=message):
+        collect_statistics(model_from_text(CONV_RELU), ["y"], data)
+
+
+def test_onnxruntime_failure_names_the_batch():
+    model = model_from_text("""<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,4] a, float[N,4] b) => (float[N,4] y) { y = Add(a, b) }""")
+    good = {"a": np.ones((2, 4), np.float32), "b": np.ones((2, 4), np.float32)}
+    bad = {"a": np.ones((2, 4), np.float32), "b": np.ones((3, 4), np.float32)}
+    with pytest.raises(ConfigError, match=r"calibration batch 1: onnxruntime could not run"):
+        collect_statistics(model, ["y"], [good, bad])
