@@ -53,6 +53,24 @@ def _parser() -> argparse.ArgumentParser:
     _add_pipeline_args(ins, None)
     ins.add_argument("--top", type=int, default=15, help="layers to list (worst spread first)")
     ins.add_argument("--json", dest="json_path", help="also write the summary as JSON")
+    qua = sub.add_parser("quantize", help="calibrate and write a QDQ model + encodings")
+    qua.add_argument("model", help="input float .onnx file")
+    qua.add_argument("--calib", required=True,
+                     help="calibration data: a folder of .npy/.npz, or of images (with --preprocess)")
+    qua.add_argument("--preprocess", help="image preprocessing, e.g. 'resize=256,crop=224,mean=127,"
+                     "std=128,layout=NCHW,color=RGB' or a preset ('imagenet')")
+    qua.add_argument("--limit", type=int, help="use at most this many images")
+    qua.add_argument("--config", default="default",
+                     help="preset (default, per-channel, w8a16) or a JSON config file")
+    qua.add_argument("--per-channel", action="store_true", help="per-channel weights")
+    qua.add_argument("--w-bits", type=int, choices=(4, 8, 16))
+    qua.add_argument("--a-bits", type=int, choices=(8, 16))
+    qua.add_argument("--range", dest="range_method",
+                     choices=("minmax", "percentile", "mse", "sqnr", "entropy"),
+                     help="activation range method")
+    qua.add_argument("--passes", default="fold-bn", help="float passes first (e.g. dfq); default fold-bn")
+    qua.add_argument("-o", "--output", required=True, help="output folder")
+
     demo = sub.add_parser("demo", help="optimize the bundled Fashion-MNIST model and compare accuracies")
     demo.add_argument("-o", "--output", default="onnxq-demo", help="folder for the written model")
     return parser
@@ -131,6 +149,77 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quant_config(args: argparse.Namespace):
+    import dataclasses
+    from pathlib import Path
+
+    from onnxq.quant.config import QuantConfig, preset
+
+    if Path(args.config).is_file():
+        config = QuantConfig.from_dict(json.loads(Path(args.config).read_text()))
+    else:
+        config = preset(args.config)
+    w, a = config.weights, config.activations
+    if args.per_channel:
+        w = dataclasses.replace(w, per_channel=True)
+    if args.w_bits:
+        w = dataclasses.replace(w, bits=args.w_bits)
+    if args.a_bits:
+        a = dataclasses.replace(a, bits=args.a_bits)
+    if args.range_method:
+        a = dataclasses.replace(a, range_method=args.range_method)
+    return config.replace(weights=w, activations=a)
+
+
+def _calibration_data(args: argparse.Namespace):
+    from pathlib import Path
+
+    from onnxq.errors import ConfigError
+    from onnxq.runtime.data import ImageFolder
+
+    folder = Path(args.calib)
+    if not folder.exists():
+        raise ConfigError(f"{folder}: calibration data not found")
+    arrays = folder.is_file() or any(folder.glob("*.np[yz]"))
+    if arrays:
+        return str(folder)
+    if not args.preprocess:
+        raise ConfigError(f"{folder}: holds no .npy/.npz; for images give --preprocess")
+    return ImageFolder(folder, args.preprocess, limit=args.limit)
+
+
+def _progress(total: int | None, what: str):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # progress bars are optional
+        return None, lambda: None
+    bar = tqdm(total=total, desc=what, unit="batch", leave=False)
+    return bar.update, bar.close
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import onnxq
+
+    config = _quant_config(args)
+    data = _calibration_data(args)
+    update, close = _progress(len(data) if hasattr(data, "__len__") else None, "calibrating")
+    try:
+        sim = onnxq.quantize(args.model, data, config=config, passes=args.passes, progress=update)
+    finally:
+        close()
+    paths = sim.export(args.output, Path(args.model).stem)
+    n_act = sum(e.kind == "activation" for e in sim.encodings)
+    n_par = sum(e.kind == "param" for e in sim.encodings)
+    print(f"quantized {args.model}: {n_act} activation and {n_par} parameter encodings "
+          f"(weights {config.weights.bits}-bit {'per-channel' if config.weights.per_channel else 'per-tensor'}, "
+          f"activations {config.activations.bits}-bit {config.activations.range_method})")
+    for kind, path in paths.items():
+        print(f"  {kind:<9} {path}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from onnxq.demo import run_demo
 
@@ -138,7 +227,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"optimize": _cmd_optimize, "inspect": _cmd_inspect, "demo": _cmd_demo}
+COMMANDS = {
+    "optimize": _cmd_optimize,
+    "inspect": _cmd_inspect,
+    "quantize": _cmd_quantize,
+    "demo": _cmd_demo,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

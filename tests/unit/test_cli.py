@@ -93,3 +93,30 @@ def test_python_m_entry_point(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "layers have a per-channel range spread" in proc.stdout
+
+
+def test_quantize_from_npy_folder(tmp_path, capsys):
+    src, ref = make(tmp_path)
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        np.save(calib / f"{i:03d}.npy", rng.standard_normal((2, 3, 8, 8)).astype(np.float32))
+    out = tmp_path / "q"
+    code = main(["quantize", str(src), "--calib", str(calib), "--per-channel", "--range", "mse",
+                 "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert (out / "in.qdq.onnx").exists() and (out / "in.encodings.json").exists()
+    ops = [n.op_type for n in ir.load(out / "in.qdq.onnx").graph]
+    assert "QuantizeLinear" in ops
+
+
+def test_quantize_with_bad_calibration_data(tmp_path, capsys):
+    src, _ = make(tmp_path)
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    np.save(calib / "0.npy", np.full((2, 3, 8, 8), np.nan, np.float32))
+    code = main(["quantize", str(src), "--calib", str(calib), "-o", str(tmp_path / "q")])
+    err = capsys.readouterr().err
+    assert code == 1 and "NaN" in err and "'x'" in err
+    assert not (tmp_path / "q").exists()
