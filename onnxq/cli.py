@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
                      "std=128,layout=NCHW,color=RGB' or a preset ('imagenet')")
     qua.add_argument("--limit", type=int, help="use at most this many images")
     qua.add_argument("--config", default="default",
-                     help="preset (default, per-channel, w8a16) or a JSON config file")
+                     help="preset (default, per-channel, w8a16) or a JSON config file (onnxq's or AIMET's runtime config)")
     qua.add_argument("--per-channel", action="store_true", help="per-channel weights")
     qua.add_argument("--w-bits", type=int, choices=(4, 8, 16))
     qua.add_argument("--a-bits", type=int, choices=(8, 16))
@@ -156,7 +156,7 @@ def _quant_config(args: argparse.Namespace):
     from onnxq.quant.config import QuantConfig, preset
 
     if Path(args.config).is_file():
-        config = QuantConfig.from_dict(json.loads(Path(args.config).read_text()))
+        config = QuantConfig.load(args.config)
     else:
         config = preset(args.config)
     w, a = config.weights, config.activations

@@ -12,7 +12,10 @@ from __future__ import annotations
 __all__ = ["QuantSpec", "QuantConfig", "PRESETS", "preset"]
 
 import dataclasses
+import json
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from onnxq.errors import ConfigError
@@ -127,15 +130,96 @@ class QuantConfig:
 
     def weight_spec(self, node_name: str, op_type: str) -> QuantSpec | None:
         o = self.override(node_name, op_type)
-        if o.get("skip"):
+        if o.get("skip") or o.get("skip_weights"):
             return None
         return QuantSpec.from_dict(o.get("weights", {}), self.weights)
 
     def activation_spec(self, node_name: str, op_type: str) -> QuantSpec | None:
         o = self.override(node_name, op_type)
-        if o.get("skip"):
+        if o.get("skip") or o.get("skip_activations"):
             return None
         return QuantSpec.from_dict(o.get("activations", {}), self.activations)
+
+    @classmethod
+    def from_aimet(cls, data: Mapping[str, Any], base: QuantConfig | None = None) -> QuantConfig:
+        """Import an AIMET runtime config (``defaults``, ``params``, ``op_type``, ``supergroups``,
+        ``model_input``, ``model_output``; booleans may be the strings "True"/"False").
+
+        Bit-widths are not part of AIMET's runtime config; they come from ``base``.
+        """
+        base = base or cls()
+        defaults = data.get("defaults", {})
+        ops_d, params_d = defaults.get("ops", {}), defaults.get("params", {})
+        strict = _bool(defaults.get("strict_symmetric", False))
+        weights = dataclasses.replace(
+            base.weights,
+            symmetric=_bool(params_d.get("is_symmetric", base.weights.symmetric)),
+            per_channel=_bool(defaults.get("per_channel_quantization", base.weights.per_channel)),
+            strict=strict,
+        )
+        activations = dataclasses.replace(
+            base.activations,
+            symmetric=_bool(ops_d.get("is_symmetric", base.activations.symmetric)),
+            strict=strict,
+        )
+        op_overrides: dict[str, dict[str, Any]] = {}
+        if not _bool(params_d.get("is_quantized", True)):
+            op_overrides.update({op: {"skip_weights": True} for op in ("Conv", "ConvTranspose", "Gemm", "MatMul")})
+        for op, opts in data.get("op_type", {}).items():
+            entry: dict[str, Any] = dict(op_overrides.get(op, {}))
+            if "is_output_quantized" in opts and not _bool(opts["is_output_quantized"]):
+                entry["skip_activations"] = True
+            if "is_symmetric" in opts:
+                entry["activations"] = {"symmetric": _bool(opts["is_symmetric"])}
+            w: dict[str, Any] = {}
+            if "per_channel_quantization" in opts:
+                w["per_channel"] = _bool(opts["per_channel_quantization"])
+            weight_params = opts.get("params", {}).get("weight", {})
+            if "is_symmetric" in weight_params:
+                w["symmetric"] = _bool(weight_params["is_symmetric"])
+            if "is_quantized" in weight_params and not _bool(weight_params["is_quantized"]):
+                entry["skip_weights"] = True
+            if w:
+                entry["weights"] = w
+            if entry:
+                op_overrides[op] = entry
+        bias = data.get("params", {}).get("bias", {})
+        supergroups = tuple(
+            tuple(g["op_list"]) for g in data.get("supergroups", []) if "op_list" in g
+        ) or base.supergroups
+        return cls(
+            weights=weights,
+            activations=activations,
+            quantize_bias=_bool(bias.get("is_quantized", base.quantize_bias)),
+            model_inputs=_bool(data.get("model_input", {}).get("is_input_quantized", base.model_inputs)),
+            model_outputs=_bool(data.get("model_output", {}).get("is_output_quantized", base.model_outputs)),
+            supergroups=supergroups,
+            node_overrides=dict(base.node_overrides),
+            op_overrides={**dict(base.op_overrides), **op_overrides},
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> QuantConfig:
+        """A JSON file in onnxq's format (``version``, ``weights``, …) or AIMET's (``defaults``)."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{path}: not a readable JSON config ({exc})") from exc
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{path}: a config must be a JSON object")
+        return cls.from_aimet(data) if "defaults" in data else cls.from_dict(data)
+
+
+def _bool(value: Any) -> bool:
+    """AIMET writes booleans as the strings "True"/"False"."""
+    if isinstance(value, str):
+        if value.lower() in ("true", "1", "yes"):
+            return True
+        if value.lower() in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"'{value}' is not a boolean")
+    return bool(value)
 
 
 PRESETS: dict[str, QuantConfig] = {

@@ -112,15 +112,21 @@ def insert_qdq(
     plan: QuantPlan,
     ranges: dict[int, tuple[float, float]],
     weight_ranges: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
+    given: dict[str, Encoding] | None = None,
 ) -> list[Encoding]:
-    """Edit ``model`` in place; ``ranges`` maps ``id(group)`` → (lo, hi). Returns encodings."""
+    """Edit ``model`` in place; ``ranges`` maps ``id(group)`` → (lo, hi). Returns encodings.
+
+    ``given``: encodings by tensor name (read from a file) used as they are instead of being
+    derived from ranges — this is how an encodings file rebuilds the same QDQ model.
+    """
     graph = model.graph
+    given = given or {}
     encodings: list[Encoding] = []
     act_enc: dict[int, Encoding] = {}
     for group in plan.groups:
-        lo, hi = ranges[id(group)]
+        lo, hi = ranges.get(id(group), (0.0, 0.0))
         for value in group.quantized:
-            enc = _activation_encoding(value, group, lo, hi)
+            enc = given.get(value.name or "") or _activation_encoding(value, group, lo, hi)
             act_enc[id(value)] = enc
             encodings.append(enc)
 
@@ -128,7 +134,9 @@ def insert_qdq(
     w_scale: dict[int, np.ndarray] = {}
     for site in plan.weights:
         w = site.value.const_value.numpy().astype(np.float64)
-        if weight_ranges and id(site.value) in weight_ranges:
+        if site.value.name in given:
+            lo = hi = None
+        elif weight_ranges and id(site.value) in weight_ranges:
             lo, hi = weight_ranges[id(site.value)]
         elif site.axis is None:
             lo, hi = np.array(w.min()), np.array(w.max())
@@ -136,7 +144,16 @@ def insert_qdq(
             moved = np.moveaxis(w, site.axis, 0).reshape(w.shape[site.axis], -1)
             lo, hi = moved.min(axis=1), moved.max(axis=1)
         spec = site.spec
-        scale, zero, rng = affine_params(lo, hi, spec.bits, spec.symmetric, spec.strict)
+        known = given.get(site.value.name or "")
+        if known is not None:
+            if (known.axis is None) != (site.axis is None):
+                raise ValueError(f"encoding of '{known.name}' and the config disagree on per-channel")
+            scale = np.asarray(known.scale, np.float64).reshape(() if site.axis is None else -1)
+            zero = np.asarray(known.zero_point, np.int64).reshape(scale.shape)
+            rng = known.grid()
+            spec = dataclasses.replace(spec, bits=known.bits, symmetric=known.symmetric)
+        else:
+            scale, zero, rng = affine_params(lo, hi, spec.bits, spec.symmetric, spec.strict)
         shape = [1] * w.ndim
         if site.axis is not None:
             shape[site.axis] = -1

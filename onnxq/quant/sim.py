@@ -9,10 +9,9 @@ result's ``model`` is the simulation and the deployable model at once.
 
 from __future__ import annotations
 
-__all__ = ["QuantSim", "quantize"]
+__all__ = ["QuantSim", "quantize", "quantize_with_encodings"]
 
 import dataclasses
-import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -45,44 +44,30 @@ class QuantSim:
 
         return run(self.model, feeds, optimize=True)
 
-    def encodings_dict(self) -> dict[str, Any]:
-        """AIMET encodings format 1.0.0 (keys are ONNX tensor names)."""
+    def encodings_dict(self, version: str = "1.0.0") -> dict[str, Any]:
+        """The encodings in AIMET's format ``1.0.0`` or ``2.0.0`` (keys are ONNX tensor names)."""
+        from onnxq.quant.encodings import to_aimet_v1, to_v2
 
-        def entry(e: Encoding) -> dict[str, Any]:
-            grid = e.grid()
-            mins = [(grid.qmin - z) * s for s, z in zip(e.scale, e.zero_point)]
-            maxs = [(grid.qmax - z) * s for s, z in zip(e.scale, e.zero_point)]
-            return {
-                "name": e.name,
-                "enc_type": "PER_CHANNEL" if len(e.scale) > 1 else "PER_TENSOR",
-                "dtype": "INT", "bw": e.bits, "is_sym": e.symmetric,
-                "scale": list(e.scale), "offset": list(e.offset),
-                "min": mins, "max": maxs,
-            }
-
-        return {
-            "version": "1.0.0",
-            "activation_encodings": [entry(e) for e in self.encodings if e.kind == "activation"],
-            "param_encodings": [entry(e) for e in self.encodings if e.kind == "param"],
-            "quantizer_args": {"config": self.config.to_dict()},
-        }
+        if version.startswith("2"):
+            return to_v2(self.encodings)
+        return to_aimet_v1(self.encodings, {"quantizer_args": {"config": self.config.to_dict()}})
 
     def export(self, out_dir: str | os.PathLike, name: str = "model") -> dict[str, Path]:
-        """Write ``<name>.qdq.onnx``, ``<name>.float.onnx`` and ``<name>.encodings.json``."""
+        """Write ``<name>.qdq.onnx``, ``<name>.float.onnx``, ``<name>.encodings.json`` (1.0.0)
+        and ``<name>.encodings.v2.json`` (2.0.0)."""
         from onnxq.io import save
+        from onnxq.quant.encodings import write_encodings
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        paths = {
+        return {
             "qdq": save(self.model, out / f"{name}.qdq.onnx", overwrite=True),
             "float": save(self.float_model, out / f"{name}.float.onnx", overwrite=True),
+            "encodings": write_encodings(out / f"{name}.encodings.json", self.encodings_dict()),
+            "encodings_v2": write_encodings(
+                out / f"{name}.encodings.v2.json", self.encodings_dict("2.0.0")
+            ),
         }
-        enc = out / f"{name}.encodings.json"
-        tmp = enc.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.encodings_dict(), indent=1))
-        os.replace(tmp, enc)
-        paths["encodings"] = enc
-        return paths
 
 
 def _upgrade_opset(model: ir.Model, need: int) -> ir.Model:
@@ -102,6 +87,49 @@ def _upgrade_opset(model: ir.Model, need: int) -> ir.Model:
     return ir.serde.deserialize_model(proto)
 
 
+def quantize_with_encodings(
+    model: Any,
+    encodings: str | os.PathLike | Mapping[str, Encoding],
+    config: QuantConfig | str | Mapping[str, Any] = "default",
+    passes: str | Iterable[str] | None = None,
+) -> QuantSim:
+    """Rebuild a QDQ model from an encodings file (1.0.0 or 2.0.0) without calibration.
+
+    Round trip: ``quantize_with_encodings(sim.float_model, exported_file, sim.config)`` gives a
+    model with the same integer weights and the same scales as ``sim.model``.
+    """
+    import onnxq
+    from onnxq.errors import ConfigError
+    from onnxq.passes.cleanup import Cleanup
+    from onnxq.quant.encodings import read_encodings
+
+    config = _as_config(config)
+    given = dict(encodings) if isinstance(encodings, Mapping) else read_encodings(encodings)
+    float_model = onnxq.optimize(model, passes=passes if passes is not None else [])
+    plan = annotate(float_model, config)
+    float_model = _upgrade_opset(float_model, required_opset(plan))
+    qdq = float_model.clone()
+    plan = annotate(qdq, config)
+    missing = [v.name for g in plan.groups for v in g.quantized if v.name not in given]
+    missing += [s.value.name for s in plan.weights if s.value.name not in given]
+    if missing:
+        raise ConfigError(
+            f"the encodings have no entry for {len(missing)} quantized tensor(s), e.g. "
+            f"'{missing[0]}': they belong to another model or another config"
+        )
+    encodings_out = insert_qdq(qdq, plan, {}, None, given)
+    Cleanup()(qdq)
+    return QuantSim(qdq, float_model, encodings_out, config, plan)
+
+
+def _as_config(config: QuantConfig | str | Mapping[str, Any]) -> QuantConfig:
+    if isinstance(config, str):
+        return preset(config)
+    if isinstance(config, QuantConfig):
+        return config
+    return QuantConfig.from_dict(config)
+
+
 def quantize(
     model: Any,
     calibration_data: Any,
@@ -118,10 +146,7 @@ def quantize(
     from onnxq.quant.observers import RANGE_METHODS, weight_range
     from onnxq.runtime.capture import collect_statistics
 
-    if isinstance(config, str):
-        config = preset(config)
-    elif not isinstance(config, QuantConfig):
-        config = QuantConfig.from_dict(config)
+    config = _as_config(config)
     float_model = onnxq.optimize(model, passes=passes if passes is not None else [])
     plan = annotate(float_model, config)
     float_model = _upgrade_opset(float_model, required_opset(plan))
