@@ -153,7 +153,12 @@ def quantize(
     plan = annotate(float_model, config)  # values may be new objects after an opset upgrade
 
     names = sorted({v.name for g in plan.groups for v in g.members if v.name})
-    observers = collect_statistics(float_model, names, calibration_data, progress=progress)
+    needs_histogram = any(
+        g.spec.range_method != "minmax" for g in plan.groups if g.fixed_range is None
+    )
+    observers = collect_statistics(
+        float_model, names, calibration_data, histogram=needs_histogram, progress=progress
+    )
     ranges: dict[int, tuple[float, float]] = {}
     for group in plan.groups:
         if group.fixed_range is not None:
