@@ -126,3 +126,21 @@ def test_quantize_end_to_end_sqnr_and_export(tmp_path):
     assert onnxq.load(paths["qdq"]) is not None
     # the input model is untouched: no Q/DQ in it
     assert "QuantizeLinear" not in [n.op_type for n in m.graph]
+
+
+def test_int4_weights_raise_the_opset_and_run():
+    import onnxq
+
+    m = model()
+    calib = [np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)]
+    ref = run(m, {"x": calib[0]})[0]
+    sqnr = {}
+    for bits in (4, 8):
+        cfg = QuantConfig(weights=QuantSpec(bits=bits, symmetric=True, per_channel=True))
+        sim = onnxq.quantize(m, calib, config=cfg)
+        out = sim.run({"x": calib[0]})[0]
+        sqnr[bits] = 10 * np.log10(np.sum(ref**2) / np.sum((ref - out) ** 2))
+        if bits == 4:
+            assert sim.model.opset_imports[""] >= 21
+            assert sim.model.graph.initializers["w1_quantized"].const_value.dtype.name == "INT4"
+    assert 8 < sqnr[4] < sqnr[8], sqnr
