@@ -10,7 +10,7 @@ For every tensor the plan says whether and how it is quantized:
   except inside a fusion supergroup (Conv→Relu: the quantizer goes after the Relu), constant
   sub-expressions, non-float tensors and graph outputs (unless ``model_outputs``);
 * **tied encodings**: data-movement ops (Reshape, Transpose, Flatten, Squeeze, Unsqueeze, Slice,
-  Gather, Identity, …) and MaxPool / Resize reuse their input's encoding, and Concat's inputs and
+  Gather, Identity, Pad, …) and MaxPool / Resize reuse their input's encoding, and Concat's inputs and
   output share one, so the runtime sees equal scales where it needs them;
 * **fixed ranges**: Sigmoid, HardSigmoid and Softmax outputs are [0, 1], Tanh [−1, 1].
 
@@ -42,7 +42,7 @@ QUANTIZED_OPS = frozenset({
 TIED_OPS = frozenset({
     "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Gather", "Identity",
     "Dropout", "MaxPool", "GlobalMaxPool", "Resize", "Upsample", "DepthToSpace",
-    "SpaceToDepth", "Split", "Expand", "Tile",
+    "SpaceToDepth", "Split", "Expand", "Tile", "Pad",
 })
 FIXED_RANGES = {"Sigmoid": (0.0, 1.0), "HardSigmoid": (0.0, 1.0), "Softmax": (0.0, 1.0),
                 "Tanh": (-1.0, 1.0)}

@@ -69,6 +69,8 @@ DEFAULT_SUPERGROUPS: tuple[tuple[str, ...], ...] = (
     ("MatMul", "Relu"),
     ("MatMul", "Add"),
     ("Add", "Relu"),
+    # onnxruntime folds a zero Pad into the Conv after it (PadFusion) only if no Q/DQ sits between
+    ("Pad", "Conv"),
 )
 
 

@@ -16,11 +16,12 @@ from __future__ import annotations
 __all__ = ["Encoding", "insert_qdq", "required_opset"]
 
 import dataclasses
+import math
 
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.passes._graph import add_initializer, constant
+from onnxq.passes._graph import add_initializer, clip_bounds, constant, is_op
 from onnxq.quant.annotate import ActivationGroup, QuantPlan
 from onnxq.quant.qparams import QRange, affine_params, quantize, qrange
 
@@ -196,6 +197,8 @@ def insert_qdq(
 
 
 def _wrap_activation(graph: ir.Graph, value: ir.Value, enc: Encoding, first: ir.Node | None) -> None:
+    """One QuantizeLinear, and one DequantizeLinear per reader (onnxruntime's QDQ selectors fuse
+    a DQ only into its sole reader: a shared DQ would keep e.g. a residual Add in float)."""
     name = value.name or "act"
     readers = list(value.uses())  # before the Q node below becomes a reader too
     scale = add_initializer(graph, np.array(enc.scale[0], np.float32), f"{name}_scale")
@@ -206,18 +209,54 @@ def _wrap_activation(graph: ir.Graph, value: ir.Value, enc: Encoding, first: ir.
     q.outputs[0].name = f"{name}_quantized"
     q.outputs[0].dtype = zero.dtype
     q.outputs[0].shape = value.shape
-    dq = _dq([q.outputs[0], scale, zero], None, name, value)
+    n_dq = len(readers) + (1 if value.is_graph_output() else 0)
+    dqs = [
+        _dq([q.outputs[0], scale, zero], None, name if i == 0 else f"{name}_{i}", value)
+        for i in range(max(n_dq, 1))
+    ]
     producer = value.producer()
     if producer is not None:
-        graph.insert_after(producer, [q, dq])
+        graph.insert_after(producer, [q, *dqs])
     elif first is not None:
-        graph.insert_before(first, [q, dq])
+        graph.insert_before(first, [q, *dqs])
     else:
-        graph.extend([q, dq])
-    for usage in readers:
+        graph.extend([q, *dqs])
+    for usage, dq in zip(readers, dqs):
         usage.node.replace_input_with(usage.idx, dq.outputs[0])
+    _drop_redundant_clip(graph, value, q, enc)
     if value.is_graph_output():
-        for i, out in enumerate(graph.outputs):
-            if out is value:
-                graph.outputs[i] = dq.outputs[0]
-        dq.outputs[0].name, value.name = name, f"{name}_float"
+        out = dqs[-1].outputs[0]
+        for i, o in enumerate(graph.outputs):
+            if o is value:
+                graph.outputs[i] = out
+        out.name, value.name = name, f"{name}_float"
+
+
+def _drop_redundant_clip(graph: ir.Graph, value: ir.Value, q: ir.Node, enc: Encoding) -> None:
+    """Remove a Relu/Clip whose bounds contain the grid of the Q that follows it.
+
+    Exact: quantization saturates at the grid's ends, so ``Q(clip(x, lo, hi)) = Q(x)`` whenever
+    ``[lo, hi]`` contains the grid's range ``[(qmin − z)·s, (qmax − z)·s]``. Without the Relu/Clip
+    between them, onnxruntime fuses DQ → Conv → Q into QLinearConv (with it, the Conv stays float).
+    """
+    act = value.producer()
+    if act is None or not is_op(act, ("Relu", "Clip")) or value.is_graph_output():
+        return
+    if len(value.uses()) != 1 or act.inputs[0] is None:
+        return
+    if act.op_type == "Relu":
+        lo, hi = 0.0, math.inf
+    else:
+        bounds = clip_bounds(act)
+        if isinstance(bounds, str):
+            return
+        lo = -math.inf if bounds[0] is None else bounds[0]
+        hi = math.inf if bounds[1] is None else bounds[1]
+    grid = enc.grid()
+    scale = float(np.float32(enc.scale[0]))
+    q_lo = (grid.qmin - enc.zero_point[0]) * scale
+    q_hi = (grid.qmax - enc.zero_point[0]) * scale
+    slack = 1e-6 * max(abs(q_lo), abs(q_hi), 1e-12)  # float32 rounding of the stored scale
+    if q_lo >= lo - slack and q_hi <= hi + slack:
+        q.replace_input_with(0, act.inputs[0])
+        graph.remove(act, safe=True)

@@ -144,3 +144,28 @@ def test_int4_weights_raise_the_opset_and_run():
             assert sim.model.opset_imports[""] >= 21
             assert sim.model.graph.initializers["w1_quantized"].const_value.dtype.name == "INT4"
     assert 8 < sqnr[4] < sqnr[8], sqnr
+
+
+def test_qdq_layout_fuses_in_onnxruntime(tmp_path):
+    """Relu before a Q whose grid it contains is dropped (exact), each reader gets its own DQ,
+    and onnxruntime turns every Conv into QLinearConv."""
+    import onnx
+    import onnxruntime as ort
+    import onnx_ir as ir
+
+    import onnxq
+
+    m = model()
+    calib = [np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)]
+    sim = onnxq.quantize(m, calib, config="per-channel")
+    ops = [n.op_type for n in sim.model.graph]
+    assert "Relu" not in ops
+    for n in sim.model.graph:
+        if n.op_type == "DequantizeLinear":
+            assert len(n.outputs[0].uses()) <= 1
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(ir.to_proto(sim.model).SerializeToString(), so,
+                         providers=["CPUExecutionProvider"])
+    fused = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+    assert fused.count("QLinearConv") == 2, fused
