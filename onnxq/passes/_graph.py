@@ -87,7 +87,7 @@ def set_constant(value: ir.Value, array: np.ndarray) -> None:
     """Replace the data of a constant value in place (same name, new dtype-checked array)."""
     old = value.const_value
     dtype = old.dtype.numpy() if old is not None else array.dtype
-    array = np.ascontiguousarray(array, dtype=dtype)
+    array = np.asarray(array, dtype=dtype, order="C")
     value.const_value = ir.Tensor(array, name=value.name)
     value.shape = ir.Shape(array.shape)
     value.dtype = ir.DataType.from_numpy(array.dtype)
@@ -99,7 +99,7 @@ def add_initializer(graph: ir.Graph, array: np.ndarray, name: str) -> ir.Value:
     while name in graph.initializers:
         name = f"{base}_{k}"
         k += 1
-    array = np.ascontiguousarray(array)
+    array = np.asarray(array, order="C")  # (ascontiguousarray would turn a 0-d scalar into shape (1,))
     value = ir.Value(
         name=name,
         shape=ir.Shape(array.shape),

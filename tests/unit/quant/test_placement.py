@@ -160,6 +160,9 @@ def test_qdq_layout_fuses_in_onnxruntime(tmp_path):
     sim = onnxq.quantize(m, calib, config="per-channel")
     ops = [n.op_type for n in sim.model.graph]
     assert "Relu" not in ops
+    for n in sim.model.graph:  # per-tensor scales and zero points are scalars (QLinear* need it)
+        if n.op_type == "QuantizeLinear":
+            assert n.inputs[1].const_value.shape == () and n.inputs[2].const_value.shape == ()
     for n in sim.model.graph:
         if n.op_type == "DequantizeLinear":
             assert len(n.outputs[0].uses()) <= 1
