@@ -176,15 +176,20 @@ def insert_qdq(
         if x_enc is None or id(bias.node) not in w_scale:
             continue
         b = constant(bias.value).astype(np.float64)
-        scale = np.broadcast_to(x_enc.scale[0] * w_scale[id(bias.node)], b.shape)
-        codes = np.clip(np.rint(b / scale), -(2**31), 2**31 - 1).astype(np.int32)
+        per_channel = bias.weight.axis is not None
+        # per-tensor weights: one scalar bias scale (DequantizeLinear's axis needs opset 13)
+        scale = np.asarray(x_enc.scale[0] * w_scale[id(bias.node)], np.float64)
+        full = np.broadcast_to(scale, b.shape)
+        codes = np.clip(np.rint(b / full), -(2**31), 2**31 - 1).astype(np.int32)
         name = bias.value.name or "bias"
         q_init = _initializer(graph, ir.Tensor(codes), f"{name}_quantized")
         s_init = add_initializer(graph, scale.astype(np.float32), f"{name}_scale")
-        z_init = _initializer(graph, ir.Tensor(np.zeros(b.shape, np.int32)), f"{name}_zero_point")
-        dq = _dq([q_init, s_init, z_init], 0, name, bias.value)
+        zeros = np.zeros(b.shape if per_channel else (), np.int32)
+        z_init = _initializer(graph, ir.Tensor(zeros), f"{name}_zero_point")
+        dq = _dq([q_init, s_init, z_init], 0 if per_channel else None, name, bias.value)
         graph.insert_before(bias.node, dq)
         bias.node.replace_input_with(2, dq.outputs[0])
+        scale = full
         encodings.append(Encoding(name, "param", 32, True, True,
                                   tuple(scale.astype(float).tolist()), tuple([0] * b.size), 0))
 

@@ -172,3 +172,15 @@ def test_qdq_layout_fuses_in_onnxruntime(tmp_path):
                          providers=["CPUExecutionProvider"])
     fused = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
     assert fused.count("QLinearConv") == 2, fused
+
+
+def test_per_tensor_keeps_an_old_opset_valid():
+    """Per-tensor needs no opset upgrade, so nothing may use DequantizeLinear's axis (opset 13)."""
+    import onnxq
+
+    m = model_from_text(TEXT.replace('"" : 17', '"" : 12'), shape=np.array([0, -1], np.int64))
+    calib = [np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)]
+    sim = onnxq.quantize(m, calib, config="default")
+    assert sim.model.opset_imports[""] == 12
+    assert all("axis" not in n.attributes for n in sim.model.graph if n.op_type == "DequantizeLinear")
+    assert sim.run({"x": calib[0]})[0].shape == (2, 10)
