@@ -27,9 +27,13 @@ Models and data:
   batches of 32), top-1 on images 256..499. onnxq gets the BN model with ``passes=["fold-bn"]``
   (naive) or ``"dfq"``; onnxruntime gets the BN-folded (or ``dfq``) float model from a file.
 * ``ppocr-rec``: calibration on ``ocr_lines(150, seed=1)`` as the recognizer's batches (25 × 6
-  lines), CER on ``ocr_lines(150, seed=0)``. onnxruntime gets the model with its Constant-node
-  weights lifted to initializers (``onnxq.optimize(passes=[])``, exact; its ``quant_pre_process``
-  folds the 6 BatchNorms), onnxq the cached model with ``passes=["fold-bn"]`` (or ``"dfq"``).
+  lines), CER on ``ocr_lines(150, seed=0)``. onnxq gets the cached model (opset 12) with
+  ``passes=["fold-bn"]`` (or ``"dfq"``) and raises the opset itself where per-channel needs it.
+  onnxruntime gets it with its Constant-node weights lifted to initializers
+  (``onnxq.optimize(passes=[])`` or ``"dfq"``, exact) and converted to opset 13 (``onnx``'s version
+  converter, exact): on the opset-12 file ``quantize_static(per_channel=True)`` writes bias
+  ``DequantizeLinear`` nodes with an ``axis`` attribute without raising the opset, a model
+  onnxruntime then refuses to load. Its ``quant_pre_process`` folds the 6 BatchNorms.
 * ``minilm``: calibration on 64 WordNet definitions (``wordnet_gloss_pairs(64, seed=1)``, 4 batches
   of 16), R@1 on ``wordnet_gloss_pairs()`` (2000 pairs, seed 0).
 
@@ -37,7 +41,8 @@ Models and data:
 gives up ("Incomplete symbolic shape inference": PP-OCR rec, MiniLM) it is retried with
 ``auto_merge=True``, then ``skip_symbolic_shape=True``; every attempt counts in the time. A row whose
 quantizer fails or whose QDQ model onnxruntime refuses reports the error; rows marked ``(wa)`` work
-around such onnxq failures (``NO_AVGPOOL``, ``NO_GATHER``, an opset-13 copy of PP-OCR rec).
+around such onnxq failures (``NO_AVGPOOL``, ``NO_GATHER``, the opset-13 copy of PP-OCR rec) and run
+only when the row they stand in for failed.
 
 Run::
 
@@ -110,6 +115,8 @@ class Row:
     overrides: Any = None
     #: onnxq: "asset" (the cached model) or a prepared float variant in the work folder
     source: str = "asset"
+    #: a workaround row: runs only when the row with this id failed
+    fallback_for: str | None = None
 
 
 #: ORT's histogram calibrators keep every batch's outputs until the end unless strided
@@ -150,29 +157,29 @@ def rows_for(model: str) -> list[Row]:
                 ["fold-bn"]),
             Row(f"{p}/pt-onnxq-dfq", model, "W8A8 per-tensor   onnxq dfq", "onnxq", False, "dfq"),
             Row(f"{p}/pt-ort-naive", model, "W8A8 per-tensor   ORT naive", "ort", False,
-                float_variant="lifted"),
+                float_variant="lifted13"),
             Row(f"{p}/pt-ort-dfq", model, "W8A8 per-tensor   ORT on dfq float", "ort", False,
-                float_variant="dfq"),
+                float_variant="dfq13"),
             Row(f"{p}/pc-onnxq-minmax", model, "W8A8 per-channel  onnxq minmax", "onnxq", True,
                 ["fold-bn"]),
             Row(f"{p}/pc-onnxq-mse", model, "W8A8 per-channel  onnxq mse", "onnxq", True,
                 ["fold-bn"], method="mse"),
             Row(f"{p}/pc-ort-minmax", model, "W8A8 per-channel  ORT MinMax", "ort", True,
-                float_variant="lifted"),
+                float_variant="lifted13"),
             Row(f"{p}/pc-ort-entropy", model, "W8A8 per-channel  ORT Entropy strided", "ort",
-                True, float_variant="lifted", method="entropy", ort_options=STRIDED),
+                True, float_variant="lifted13", method="entropy", ort_options=STRIDED),
             # workarounds for the onnxq failures above (see the module docstring)
             Row(f"{p}/pt-onnxq-dfq-wa", model, "W8A8 per-tensor   onnxq dfq (wa)", "onnxq", False,
-                "dfq", overrides=NO_AVGPOOL, source="opset13"),
+                "dfq", overrides=NO_AVGPOOL, source="lifted13", fallback_for=f"{p}/pt-onnxq-dfq"),
             Row(f"{p}/pc-onnxq-minmax-wa", model, "W8A8 per-channel  onnxq minmax (wa)", "onnxq",
-                True, ["fold-bn"], overrides=NO_AVGPOOL),
+                True, ["fold-bn"], overrides=NO_AVGPOOL, fallback_for=f"{p}/pc-onnxq-minmax"),
         ]
     if model == "minilm":
         m = "minilm"
         return [
             Row(f"{m}/pc-onnxq-minmax", model, "W8A8 per-channel  onnxq minmax", "onnxq", True),
             Row(f"{m}/pc-onnxq-minmax-wa", model, "W8A8 per-channel  onnxq minmax (wa)", "onnxq",
-                True, overrides=NO_GATHER),
+                True, overrides=NO_GATHER, fallback_for=f"{m}/pc-onnxq-minmax"),
             Row(f"{m}/pc-ort-minmax", model, "W8A8 per-channel  ORT MinMax", "ort", True,
                 float_variant="float"),
             Row(f"{m}/pc-ort-entropy", model, "W8A8 per-channel  ORT Entropy strided", "ort",
@@ -591,13 +598,14 @@ def prepare_floats(model: str, work: Path) -> dict[str, Path]:
     for name, passes in variants.items():
         files[name] = onnxq.save(onnxq.optimize(src, passes=passes),
                                  work / f"{model}.{name}.onnx", overwrite=True)
-    if model == "ppocr-rec":  # opset 12 -> 13 (exact), for the per-tensor onnxq workaround row
+    if model == "ppocr-rec":  # opset 12 -> 13 (exact): see rows_for
         import onnx
         import onnx.version_converter
 
-        proto = onnx.version_converter.convert_version(onnx.load(str(files["lifted"])), 13)
-        files["opset13"] = work / f"{model}.opset13.onnx"
-        onnx.save(proto, str(files["opset13"]))
+        for name in ("lifted", "dfq"):
+            proto = onnx.version_converter.convert_version(onnx.load(str(files[name])), 13)
+            files[f"{name}13"] = work / f"{model}.{name}13.onnx"
+            onnx.save(proto, str(files[f"{name}13"]))
     link = work / f"{model}.float.onnx"
     if not link.exists():
         shutil.copyfile(src, link)
@@ -635,6 +643,8 @@ def run_model(model: str, work: Path, args: argparse.Namespace) -> dict[str, Any
     rows: dict[str, Any] = {"fp32": fp32}
     wanted = [r for r in rows_for(model) if not args.rows or r.id in args.rows]
     for row in wanted:
+        if row.fallback_for and "error" not in rows.get(row.fallback_for, {"error": ""}):
+            continue  # the row it works around succeeded
         log.info("%s: quantizing in a subprocess", row.id)
         result = spawn(row, work, args.quick, args.mem_limit_gb * 2**30, args.timeout)
         result["label"] = row.label
