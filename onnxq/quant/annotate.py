@@ -223,7 +223,12 @@ def annotate(model: ir.Model, config: QuantConfig) -> QuantPlan:
         if node.op_type in FIXED_RANGES:
             fixed[id(out)] = FIXED_RANGES[node.op_type]
         consider(out, node)
-        if node.op_type in TIED_OPS and node.inputs[0] is not None and _is_float(node.inputs[0]):
+        if (
+            node.op_type in TIED_OPS
+            and node.inputs[0] is not None
+            and _is_float(node.inputs[0])
+            and constant(node.inputs[0]) is None  # a Gather from an embedding table is not tied
+        ):
             ties.union(out, node.inputs[0])
             for extra in node.outputs[1:]:
                 if _is_float(extra) and extra.uses():

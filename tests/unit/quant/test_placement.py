@@ -184,3 +184,19 @@ def test_per_tensor_keeps_an_old_opset_valid():
     assert sim.model.opset_imports[""] == 12
     assert all("axis" not in n.attributes for n in sim.model.graph if n.op_type == "DequantizeLinear")
     assert sim.run({"x": calib[0]})[0].shape == (2, 10)
+
+
+def test_gather_from_a_constant_table_gets_its_own_encoding():
+    """An embedding lookup's output is calibrated on its own, not tied to the weight table."""
+    import onnxq
+
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+g (int64[N,4] ids) => (float[N,4,3] y) <float[10,8] table, float[8,3] w> {
+  e = Gather(table, ids)
+  y = MatMul(e, w)
+}"""
+    m = model_from_text(text)
+    plan = annotate(m, QuantConfig())
+    assert "e" in by_name(plan) and "table" not in {v.name for g in plan.groups for v in g.members}
+    sim = onnxq.quantize(m, [{"ids": np.array([[1, 2, 3, 9]], np.int64)}])
+    assert sim.run({"ids": np.array([[0, 1, 2, 3]], np.int64)})[0].shape == (1, 4, 3)
