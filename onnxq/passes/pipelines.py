@@ -12,7 +12,10 @@ initializers (so weights held in ``Constant`` nodes are seen) and ends with clea
 
 from __future__ import annotations
 
-__all__ = ["PassSpec", "Recipe", "PASSES", "PRESETS", "build", "run_pipeline", "parse_passes"]
+__all__ = [
+    "PassSpec", "Recipe", "PASSES", "PRESETS", "DATA_STEPS", "build", "run_pipeline", "parse_passes",
+    "split_data_steps",
+]
 
 import dataclasses
 import gc
@@ -106,17 +109,30 @@ class Recipe:
         return cls.from_dict(data)
 
 
+#: data-driven steps a recipe may list; they run after quantization (``onnxq.quantize``), in
+#: recipe order, on the quantized model (onnxq.algorithms)
+DATA_STEPS = ("seq-mse", "adaround", "bias-correction")
+
+
+def split_data_steps(recipe: Recipe) -> tuple[Recipe, tuple[PassSpec, ...]]:
+    """(the float passes, the data-driven steps) of ``recipe``."""
+    steps = tuple(p for p in recipe.passes if p.name in DATA_STEPS)
+    return Recipe(tuple(p for p in recipe.passes if p.name not in DATA_STEPS), recipe.version), steps
+
+
 def _expand(specs: Iterable[PassSpec]) -> list[PassSpec]:
     out: list[PassSpec] = []
     for spec in specs:
-        if spec.name in PRESETS and spec.name not in PASSES:
+        if spec.name in DATA_STEPS:
+            out.append(spec)
+        elif spec.name in PRESETS and spec.name not in PASSES:
             if spec.options:
                 raise ConfigError(f"preset '{spec.name}' takes no options")
             out.extend(PassSpec(n) for n in PRESETS[spec.name])
         elif spec.name in PASSES:
             out.append(spec)
         else:
-            known = ", ".join(sorted(set(PASSES) | set(PRESETS)))
+            known = ", ".join(sorted(set(PASSES) | set(PRESETS) | set(DATA_STEPS)))
             raise ConfigError(f"unknown pass or preset '{spec.name}' (known: {known})")
     return out
 
@@ -164,6 +180,12 @@ def _instantiate(spec: PassSpec) -> OnnxqPass:
 def build(recipe: Recipe) -> list[OnnxqPass]:
     """The passes of ``recipe``, with lift-constants first and cleanup last."""
     specs = list(recipe.passes)
+    steps = [p.name for p in specs if p.name in DATA_STEPS]
+    if steps:
+        raise ConfigError(
+            f"'{steps[0]}' needs calibration data and a quantized model: use it in "
+            "onnxq.quantize(..., passes=[...]) or `onnxq quantize --passes`, not in optimize"
+        )
     if not specs or specs[0].name != "lift-constants":
         specs.insert(0, PassSpec("lift-constants"))
     if specs[-1].name != "cleanup":

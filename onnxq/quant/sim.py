@@ -9,7 +9,7 @@ result's ``model`` is the simulation and the deployable model at once.
 
 from __future__ import annotations
 
-__all__ = ["QuantSim", "quantize", "quantize_with_encodings"]
+__all__ = ["QuantSim", "quantize", "quantize_with_encodings", "rebuild"]
 
 import dataclasses
 import logging
@@ -122,6 +122,17 @@ def quantize_with_encodings(
     return QuantSim(qdq, float_model, encodings_out, config, plan)
 
 
+def _node_facts(model: ir.Model) -> dict[str, dict[str, Any]]:
+    """Facts passes left in ``Node.meta`` (e.g. folded BatchNorm statistics), by node name."""
+    return {n.name: dict(n.meta) for n in model.graph if n.name and len(n.meta)}
+
+
+def _restore_node_facts(model: ir.Model, facts: dict[str, dict[str, Any]]) -> None:
+    for node in model.graph:
+        for key, value in facts.get(node.name or "", {}).items():
+            node.meta.setdefault(key, value)
+
+
 def _as_config(config: QuantConfig | str | Mapping[str, Any]) -> QuantConfig:
     if isinstance(config, str):
         return preset(config)
@@ -134,23 +145,123 @@ def quantize(
     model: Any,
     calibration_data: Any,
     config: QuantConfig | str | Mapping[str, Any] = "default",
-    passes: str | Iterable[str] | None = None,
+    passes: str | Iterable[Any] | None = None,
     progress: Callable[[int], None] | None = None,
+    *,
+    seq_mse: Any = None,
+    adaround: Any = None,
+    bias_correction: Any = None,
 ) -> QuantSim:
     """Quantize ``model`` with ranges calibrated on ``calibration_data``.
 
     ``config``: a :class:`QuantConfig`, a preset name (``default``, ``per-channel``, ``w8a16``)
-    or a config dict. ``passes``: float passes to run first (e.g. ``"dfq"``).
+    or a config dict. ``passes``: float passes to run first (e.g. ``"dfq"``); the data-driven
+    steps ``seq-mse``, ``adaround`` and ``bias-correction`` may be listed too (they run after
+    calibration, in the order given). ``seq_mse`` / ``adaround`` / ``bias_correction``: ``True``
+    for the defaults, or a :class:`~onnxq.algorithms.SeqMseConfig` /
+    :class:`~onnxq.algorithms.AdaRoundConfig` / :class:`~onnxq.algorithms.BiasCorrectionConfig`
+    or a dict of its fields; they run in that order, after any listed in ``passes``.
     """
     import onnxq
-    from onnxq.quant.observers import RANGE_METHODS, weight_range
-    from onnxq.runtime.capture import collect_statistics
+    from onnxq.passes.pipelines import parse_passes, split_data_steps
 
     config = _as_config(config)
-    float_model = onnxq.optimize(model, passes=passes if passes is not None else [])
+    float_recipe, steps = split_data_steps(parse_passes(passes if passes is not None else []))
+    for name, setting in (("seq-mse", seq_mse), ("adaround", adaround), ("bias-correction", bias_correction)):
+        if setting is not None and setting is not False:
+            steps += ((name, setting),)
+    float_model = onnxq.optimize(model, recipe=float_recipe)
+    facts = _node_facts(float_model)
     plan = annotate(float_model, config)
     float_model = _upgrade_opset(float_model, required_opset(plan))
+    _restore_node_facts(float_model, facts)  # shape inference / opset conversion rebuild nodes
     plan = annotate(float_model, config)  # values may be new objects after an opset upgrade
+    _restore_node_facts(float_model, facts)
+
+    sim = _calibrate_and_build(float_model, config, plan, calibration_data, progress)
+    for step in steps:
+        sim = _data_step(sim, step, calibration_data)
+    return sim
+
+
+def _data_step(sim: QuantSim, step: Any, data: Any) -> QuantSim:
+    """Run one data-driven algorithm (a recipe PassSpec or a (name, setting) pair) on ``sim``."""
+    import dataclasses as dc
+
+    from onnxq import algorithms
+    from onnxq.errors import ConfigError
+
+    if isinstance(step, tuple):
+        name, setting = step
+    else:
+        name, setting = step.name, dict(step.options)
+    kinds = {
+        "seq-mse": (algorithms.SeqMseConfig, algorithms.seq_mse),
+        "adaround": (algorithms.AdaRoundConfig, algorithms.adaround),
+        "bias-correction": (algorithms.BiasCorrectionConfig, algorithms.bias_correction),
+    }
+    cls, run = kinds[name]
+    if setting is True:
+        cfg = cls()
+    elif isinstance(setting, cls):
+        cfg = setting
+    elif isinstance(setting, Mapping):
+        known = {f.name for f in dc.fields(cls)}
+        unknown = sorted(set(setting) - known)
+        if unknown:
+            raise ConfigError(f"{name}: unknown option(s) {unknown}; known: {sorted(known)}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in setting.items()}
+        cfg = cls(**values)
+    else:
+        raise ConfigError(f"{name}: expected True, a {cls.__name__} or a dict, got {setting!r}")
+    log.info("running %s", name)
+    return run(sim, data, cfg)
+
+
+def rebuild(
+    sim: QuantSim,
+    float_model: ir.Model,
+    weight_encodings: Mapping[str, Encoding],
+    calibration_data: Any,
+    progress: Callable[[int], None] | None = None,
+) -> QuantSim:
+    """A new simulation of ``float_model`` (same graph as ``sim.float_model``, edited weights)
+    whose weights use ``weight_encodings`` as given (frozen) and whose activations are
+    recalibrated on ``calibration_data`` — or, without data, keep ``sim``'s encodings."""
+    plan = annotate(float_model, sim.config)
+    if calibration_data is None:
+        given = {e.name: e for e in sim.encodings if e.kind == "activation"}
+        given.update(weight_encodings)
+        qdq = float_model.clone()
+        encodings = insert_qdq(qdq, annotate(qdq, sim.config), {}, None, given)
+        from onnxq.passes.cleanup import Cleanup
+
+        Cleanup()(qdq)
+        return QuantSim(qdq, float_model, _keep_frozen(encodings, given), sim.config, plan)
+    return _calibrate_and_build(
+        float_model, sim.config, plan, calibration_data, progress, dict(weight_encodings)
+    )
+
+
+def _keep_frozen(encodings: list[Encoding], given: Mapping[str, Encoding]) -> list[Encoding]:
+    """Weights whose grid an algorithm chose stay frozen (and say so in the encodings file)."""
+    return [
+        dataclasses.replace(e, frozen=True)
+        if e.kind == "param" and e.name in given and given[e.name].frozen else e
+        for e in encodings
+    ]
+
+
+def _calibrate_and_build(
+    float_model: ir.Model,
+    config: QuantConfig,
+    plan: QuantPlan,
+    calibration_data: Any,
+    progress: Callable[[int], None] | None,
+    given: dict[str, Encoding] | None = None,
+) -> QuantSim:
+    from onnxq.quant.observers import RANGE_METHODS, weight_range
+    from onnxq.runtime.capture import collect_statistics
 
     names = sorted({v.name for g in plan.groups for v in g.members if v.name})
     needs_histogram = any(
@@ -185,12 +296,13 @@ def quantize(
     ranges_q = {id(gq): ranges[id(g)] for g, gq in zip(plan.groups, plan_q.groups)}
     weight_ranges = {}
     for site in plan_q.weights:
-        if site.spec.range_method == "mse":
+        if site.spec.range_method == "mse" and site.value.name not in (given or {}):
             weight_ranges[id(site.value)] = weight_range(
                 site.value.const_value.numpy(), axis=site.axis, method="mse",
                 bits=site.spec.bits, symmetric=site.spec.symmetric,
             )
-    encodings = insert_qdq(qdq, plan_q, ranges_q, weight_ranges)
+    encodings = insert_qdq(qdq, plan_q, ranges_q, weight_ranges, given)
+    encodings = _keep_frozen(encodings, given or {})
     from onnxq.passes.cleanup import Cleanup
 
     Cleanup()(qdq)  # the float weights the integer ones replaced are now unused

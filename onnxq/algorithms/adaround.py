@@ -1,0 +1,246 @@
+"""AdaRound: learn, per weight, whether to round down or up (Nagel et al. 2020, "Up or Down?").
+
+For a layer with weight ``W``, grid scale ``s`` and zero point ``z`` (from weight calibration,
+kept fixed), the soft-quantized weight is
+
+    W̃(V) = s · (clip(⌊W/s⌋ + h(V) + z, q_min, q_max) − z),
+    h(V) = clip(σ(V)·(ζ − γ) + γ, 0, 1),  ζ = 1.1, γ = −0.1   (rectified sigmoid)
+
+and ``V`` minimizes, with Adam, over sampled output positions of calibration data,
+
+    L(V) = mean_rows ‖f(W̃·x_q + b) − f(W·x + b)‖² + λ · Σ (1 − |2h(V) − 1|^β)
+
+where ``x_q`` is the layer's input in the model whose earlier layers are already rounded (and
+whose activations are quantized, by default), ``x`` the float model's input, ``f`` the
+activation that follows the layer with its real parameters, ``λ = 0.01``. The regularizer is off
+for the first 20 % of iterations (warm start), then ``β`` anneals from 20 to 2 (cosine), pushing
+``h`` to 0 or 1. At the end the rounding is hard: ``h = 1`` where ``V ≥ 0``. ``V`` starts where
+``h(V)`` equals the fractional part of ``W/s`` (so the soft weight starts at ``W``).
+
+Everything is numpy: the loss and its gradient are written out (the derivative of the rectified
+sigmoid is ``(ζ − γ)·σ(V)(1 − σ(V))`` inside (0, 1) and 0 where clipped).
+"""
+
+from __future__ import annotations
+
+__all__ = ["AdaRoundConfig", "adaround", "round_layer", "rectified_sigmoid", "beta_at"]
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+
+from onnxq.algorithms._driver import LayerJob, Solution, optimize_layers
+from onnxq.algorithms._layers import Activation
+
+log = logging.getLogger(__name__)
+
+ZETA, GAMMA = 1.1, -0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaRoundConfig:
+    """AdaRound settings; the defaults are meant to be left alone."""
+
+    iterations: int = 1000
+    #: output positions per Adam step
+    batch_rows: int = 256
+    #: output positions sampled per layer (spread over the calibration batches)
+    rows_per_layer: int = 8192
+    reg: float = 0.01
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warm_start: float = 0.2
+    lr: float = 5e-3
+    #: inputs from the model with activations quantized (False: weights-only model)
+    act_quant: bool = True
+    #: use at most this many calibration samples (None: all)
+    max_samples: int | None = None
+    memory_budget_mb: float = 1024.0
+    seed: int = 0
+    layers: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AdaRoundConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            from onnxq.errors import ConfigError
+
+            raise ConfigError(f"unknown AdaRound setting(s): {sorted(unknown)}; known: {sorted(known)}")
+        data = dict(data)
+        for key in ("layers", "exclude"):
+            if data.get(key) is not None:
+                data[key] = tuple(data[key])
+        return cls(**data)
+
+
+def _sigmoid(v: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * v))
+
+
+def rectified_sigmoid(v: np.ndarray) -> np.ndarray:
+    return np.clip(_sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def _init_v(rest: np.ndarray) -> np.ndarray:
+    """``V`` with ``h(V) = rest`` (rest in [0, 1))."""
+    r = np.clip(rest, 1e-4, 1 - 1e-4)
+    return -np.log((ZETA - GAMMA) / (r - GAMMA) - 1.0)
+
+
+def beta_at(iteration: int, cfg: AdaRoundConfig) -> float | None:
+    """β at ``iteration`` (None during the warm start: no regularization yet)."""
+    start = cfg.warm_start * cfg.iterations
+    if iteration < start:
+        return None
+    rel = (iteration - start) / max(cfg.iterations - start, 1)
+    return cfg.beta_end + 0.5 * (cfg.beta_start - cfg.beta_end) * (1 + math.cos(rel * math.pi))
+
+
+def _forward(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """(rows, G, K) · (G, O, K) → (rows, G·O)."""
+    g, o, _ = w.shape
+    if g == 1:
+        return x[:, 0, :] @ w[0].T
+    if o == 1:
+        return np.einsum("rgk,gk->rg", x, w[:, 0, :])
+    return np.einsum("rgk,gok->rgo", x, w).reshape(x.shape[0], g * o)
+
+
+def _backward(x: np.ndarray, dy: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """∂L/∂W for ``dy`` (rows, G·O): (G, O, K)."""
+    g, o, k = shape
+    if g == 1:
+        return (dy.T @ x[:, 0, :])[None]
+    if o == 1:
+        return np.einsum("rg,rgk->gk", dy, x)[:, None, :]
+    return np.einsum("rgo,rgk->gok", dy.reshape(-1, g, o), x)
+
+
+def reconstruction_loss(job: LayerJob, w: np.ndarray, rows: np.ndarray | None = None) -> float:
+    """mean over rows of ‖f(w·x + b) − target‖² (all rows when ``rows`` is None)."""
+    x = job.inputs if rows is None else job.inputs[rows]
+    t = np.asarray(job.target if rows is None else job.target[rows])
+    act: Activation = job.layer.activation
+    err = act(_forward(x, w.astype(np.float32)) + job.bias) - t
+    return float(np.mean(np.sum(err.astype(np.float64) ** 2, axis=1)))
+
+
+class _Problem:
+    """The AdaRound objective of one layer on a minibatch, and its gradient in ``V``."""
+
+    def __init__(self, const: np.ndarray, slope: np.ndarray, bias: np.ndarray, act: Activation,
+                 shape: tuple[int, int, int], reg: float) -> None:
+        self.const, self.slope, self.bias, self.act = const, slope, bias, act
+        self.shape, self.reg = shape, reg
+
+    def loss_and_grad(self, v: np.ndarray, x: np.ndarray, t: np.ndarray,
+                      beta: float | None, with_loss: bool = False) -> tuple[float, np.ndarray]:
+        """(loss or NaN when not ``with_loss``, ∂loss/∂V)."""
+        k_sig = np.float32(ZETA - GAMMA)
+        sig = _sigmoid(v)
+        h = np.clip(sig * k_sig + np.float32(GAMMA), 0.0, 1.0)
+        wq = h * self.slope
+        wq += self.const
+        y = _forward(x, wq)
+        y += self.bias
+        err = self.act(y) - t
+        rows = x.shape[0]
+        loss = float(np.einsum("ro,ro->", err, err, dtype=np.float64)) / rows if with_loss else math.nan
+        err *= self.act.grad(y)
+        err *= np.float32(2.0 / rows)
+        dh = _backward(x, err, self.shape)
+        dh *= self.slope
+        if beta is not None:
+            u = 2 * h - 1
+            if with_loss:
+                loss += self.reg * float(np.sum(1 - np.abs(u.astype(np.float64)) ** beta))
+            dh -= np.float32(self.reg * 2 * beta) * np.sign(u) * np.abs(u) ** np.float32(beta - 1)
+        # dh/dv = (ζ − γ)·σ(1 − σ) where 0 < (ζ − γ)σ + γ < 1, i.e. |σ − ½| < ½ / (ζ − γ)
+        dv = dh * (sig * (1 - sig) * k_sig * (np.abs(sig - 0.5) < np.float32(0.5 / (ZETA - GAMMA))))
+        return loss, dv
+
+
+def round_layer(job: LayerJob, cfg: AdaRoundConfig) -> Solution:
+    """Optimize one layer's rounding; returns its integer codes (shape of ``job.weight``)."""
+    w, s, z, grid = job.weight, job.scale, job.zero, job.grid
+    lo, hi = float(grid.qmin), float(grid.qmax)
+    w_s = w.astype(np.float64) / s
+    floor = np.floor(w_s)
+    base = floor + z  # the code when rounding down
+    # a weight can move only when both of its candidate codes lie on the grid; the others are
+    # fixed at the clipped code (clip(base + h) does not depend on h there)
+    movable = (base >= lo) & (base + 1 <= hi)
+    const = ((np.clip(base, lo, hi) - z) * s).astype(np.float32)  # W̃ = const + S·h
+    slope = (s * movable).astype(np.float32)
+    v = _init_v(w_s - floor).astype(np.float32)
+    act = job.layer.activation
+    m = np.zeros_like(v)
+    sq = np.zeros_like(v)
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    rows = job.inputs.shape[0]
+    batch = min(cfg.batch_rows, rows)
+    rng = job.rng
+    nearest = np.clip(np.rint(w_s) + z, lo, hi)
+    loss_nearest = reconstruction_loss(job, ((nearest - z) * s).astype(np.float32))
+    # rows shuffled once, then read in contiguous minibatches (a gather per step costs more
+    # than the step's arithmetic on wide depthwise layers)
+    order = rng.permutation(rows)
+    xs = job.inputs[order]
+    ts = np.asarray(job.target)[order]
+    start = 0
+    problem = _Problem(const, slope, job.bias, act, w.shape, cfg.reg)
+    for it in range(cfg.iterations):
+        if start + batch > rows:
+            start = 0
+        x = xs[start:start + batch]
+        t = ts[start:start + batch]
+        start += batch
+        _, dv = problem.loss_and_grad(v, x, t, beta_at(it, cfg))
+        m *= b1
+        m += (1 - b1) * dv
+        sq *= b2
+        dv *= dv
+        sq += (1 - b2) * dv
+        step = cfg.lr * math.sqrt(1 - b2 ** (it + 1)) / (1 - b1 ** (it + 1))
+        v -= np.float32(step) * m / (np.sqrt(sq) + np.float32(eps))
+    codes = np.clip(base + (v >= 0), lo, hi).astype(np.int64)
+    loss = reconstruction_loss(job, ((codes - z) * s).astype(np.float32))
+    info = {"loss_nearest": round(loss_nearest, 6), "loss": round(loss, 6)}
+    if loss > loss_nearest:  # never worse than nearest rounding on the layer's own loss
+        info["kept"] = "nearest"
+        return Solution(nearest.astype(np.int64), info=info)
+    return Solution(codes, info=info)
+
+
+def adaround(
+    sim: Any,
+    data: Any,
+    config: AdaRoundConfig | None = None,
+    progress: Callable[[str, int, int], Any] | None = None,
+    **overrides: Any,
+) -> Any:
+    """AdaRound every quantized weight layer of ``sim``; returns a new :class:`QuantSim`.
+
+    ``data``: calibration data (anything :func:`onnxq.runtime.data.as_batches` accepts, iterated
+    once per layer). Settings: an :class:`AdaRoundConfig` and/or keyword overrides.
+    """
+    cfg = dataclasses.replace(config or AdaRoundConfig(), **overrides)
+    return optimize_layers(
+        sim, data, lambda job: round_layer(job, cfg), what="adaround",
+        rows_per_layer=cfg.rows_per_layer, act_quant=cfg.act_quant, max_samples=cfg.max_samples,
+        memory_budget_mb=cfg.memory_budget_mb, seed=cfg.seed, layers=cfg.layers,
+        exclude=cfg.exclude, progress=progress,
+    )
+
+
+def _as_tuple(names: Iterable[str] | None) -> tuple[str, ...] | None:
+    return None if names is None else tuple(names)

@@ -1,0 +1,152 @@
+"""AdaRound: the maths (rectified sigmoid, annealing, gradient) and end-to-end behaviour."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+import onnxq
+from onnxq.algorithms import AdaRoundConfig, adaround
+from onnxq.algorithms._driver import LayerJob
+from onnxq.algorithms._layers import Activation
+from onnxq.algorithms.adaround import (
+    GAMMA, ZETA, _init_v, _Problem, beta_at, reconstruction_loss, rectified_sigmoid, round_layer,
+)
+from onnxq.quant.config import QuantConfig, QuantSpec
+from onnxq.quant.insert_qdq import Encoding
+from onnxq.quant.qparams import qrange
+from tests.conftest import model_from_text
+
+
+def test_rectified_sigmoid_bounds_and_inverse():
+    v = np.linspace(-20, 20, 1001)
+    h = rectified_sigmoid(v)
+    assert h.min() == 0.0 and h.max() == 1.0
+    assert np.all(np.diff(h) >= 0)
+    r = np.linspace(0.01, 0.99, 50)
+    np.testing.assert_allclose(rectified_sigmoid(_init_v(r)), r, atol=1e-9)
+    # h = σ(v)(ζ − γ) + γ inside (0, 1)
+    np.testing.assert_allclose(rectified_sigmoid(np.array([0.0])), [0.5 * (ZETA - GAMMA) + GAMMA])
+
+
+def test_beta_schedule_warm_start_then_cosine_from_20_to_2():
+    cfg = AdaRoundConfig(iterations=100, warm_start=0.2)
+    assert all(beta_at(i, cfg) is None for i in range(20))
+    assert beta_at(20, cfg) == pytest.approx(20.0)
+    assert beta_at(60, cfg) == pytest.approx(11.0)
+    assert beta_at(99, cfg) == pytest.approx(2.0, abs=0.01)
+    betas = [beta_at(i, cfg) for i in range(20, 100)]
+    assert all(a >= b for a, b in zip(betas, betas[1:]))
+
+
+class _L:
+    name, op_type = "layer", "Conv"
+
+    def __init__(self, act):
+        self.activation = act
+
+
+def _job(act=Activation("clip", (0.0, 6.0)), shape=(1, 6, 12), rows=600, seed=0, bits=4):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal(shape).astype(np.float32) * 0.3
+    x = np.abs(rng.standard_normal((rows, shape[0], shape[2]))).astype(np.float32)
+    b = rng.standard_normal(shape[0] * shape[1]).astype(np.float32) * 0.1
+    y = np.einsum("rgk,gok->rgo", x, w).reshape(rows, -1) + b
+    grid = qrange(bits)
+    s = np.abs(w).max(axis=2, keepdims=True).astype(np.float64) / grid.qmax
+    enc = Encoding("w", "param", bits, True, True, tuple(s.reshape(-1).tolist()),
+                   (0,) * s.size, 0)
+    return LayerJob(_L(act), w, s, np.zeros_like(s, np.int64), grid, b, x, act(y), enc,
+                    np.random.default_rng(seed))
+
+
+@pytest.mark.parametrize("act", [Activation("identity"), Activation("relu"), Activation("clip", (0.0, 6.0)),
+                                 Activation("hard_swish", (1 / 6, 0.5)), Activation("swish")])
+def test_gradient_matches_finite_differences(act):
+    job = _job(act, shape=(2, 3, 5), rows=50)
+    w_s = job.weight.astype(np.float64) / job.scale
+    base = np.floor(w_s)
+    const = (base * job.scale).astype(np.float32)
+    slope = job.scale.astype(np.float32) * np.ones_like(const)
+    problem = _Problem(const, slope, job.bias, act, job.weight.shape, reg=0.01)
+    v = _init_v(w_s - base).astype(np.float32)
+    t = np.asarray(job.target)
+    _, grad = problem.loss_and_grad(v, job.inputs, t, beta=8.0)
+    v64 = v.astype(np.float64)
+    rng = np.random.default_rng(3)
+    for _ in range(6):
+        idx = tuple(int(rng.integers(n)) for n in v.shape)
+        eps = 1e-3
+        vp, vm = v64.copy(), v64.copy()
+        vp[idx] += eps
+        vm[idx] -= eps
+        lp, _ = problem.loss_and_grad(vp.astype(np.float32), job.inputs, t, 8.0, with_loss=True)
+        lm, _ = problem.loss_and_grad(vm.astype(np.float32), job.inputs, t, 8.0, with_loss=True)
+        assert grad[idx] == pytest.approx((lp - lm) / (2 * eps), rel=0.05, abs=2e-4)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_adaround_beats_nearest_rounding_on_the_layer_loss(seed):
+    job = _job(seed=seed)
+    nearest = np.clip(np.rint(job.weight / job.scale), job.grid.qmin, job.grid.qmax)
+    loss_nearest = reconstruction_loss(job, (nearest * job.scale).astype(np.float32))
+    sol = round_layer(job, AdaRoundConfig(iterations=400, batch_rows=128))
+    assert "kept" not in sol.info
+    loss = reconstruction_loss(job, (sol.codes * job.scale).astype(np.float32))
+    assert loss < 0.9 * loss_nearest
+    # every code is the floor or the ceiling of w / s
+    floor = np.floor(job.weight / job.scale)
+    assert np.all((sol.codes == floor) | (sol.codes == floor + 1))
+
+
+MODEL = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,3,8,8] x) => (float[N,4,4,4] y) <float[8,3,3,3] w1, float[8] b1, float[8,1,3,3] w2, float[8] b2, float[4,8,1,1] w3, float[4] b3> {
+    a = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+    r = Relu (a)
+    d = Conv <group = 8, strides = [2, 2], pads = [1, 1, 1, 1]> (r, w2, b2)
+    e = LeakyRelu <alpha = 0.1> (d)
+    y = Conv (e, w3, b3)
+}"""
+
+
+def _w4():
+    return QuantConfig(weights=QuantSpec(bits=4, symmetric=True, per_channel=True))
+
+
+def test_adaround_end_to_end_is_deterministic_frozen_and_closer_to_float():
+    model = model_from_text(MODEL)
+    rng = np.random.default_rng(0)
+    data = [rng.standard_normal((8, 3, 8, 8)).astype(np.float32) for _ in range(4)]
+    sim = onnxq.quantize(model, data, _w4())
+    cfg = AdaRoundConfig(iterations=300, batch_rows=128, rows_per_layer=1024)
+    a = adaround(sim, data, cfg)
+    b = adaround(sim, data, cfg)
+    wa = {e.name: e for e in a.encodings if e.kind == "param"}
+    assert all(wa[n].frozen for n in ("w1", "w2", "w3"))
+    for init in a.model.graph.initializers.values():
+        other = b.model.graph.initializers[init.name]
+        np.testing.assert_array_equal(init.const_value.numpy(), other.const_value.numpy())
+    # weights of the float model are exactly on the frozen grid
+    w1 = a.float_model.graph.initializers["w1"].const_value.numpy().astype(np.float64)
+    s = np.asarray(wa["w1"].scale).reshape(-1, 1, 1, 1)
+    np.testing.assert_allclose(w1 / s, np.rint(w1 / s), atol=1e-4)
+    # closer to float than nearest rounding on held-out data
+    test = rng.standard_normal((32, 3, 8, 8)).astype(np.float32)
+    (ref,) = onnxq.runtime.run(sim.float_model, {"x": test})
+    err = lambda m: float(np.mean((onnxq.runtime.run(m, {"x": test}, optimize=True)[0] - ref) ** 2))  # noqa: E731
+    assert err(a.model) < err(sim.model)
+
+
+def test_encodings_round_trip_keeps_adarounded_weights(tmp_path):
+    model = model_from_text(MODEL)
+    rng = np.random.default_rng(0)
+    data = [rng.standard_normal((8, 3, 8, 8)).astype(np.float32) for _ in range(2)]
+    sim = adaround(onnxq.quantize(model, data, _w4()), data, iterations=50, rows_per_layer=256)
+    files = sim.export(tmp_path)
+    again = onnxq.quant.sim.quantize_with_encodings(onnxq.load(files["float"]), files["encodings"], _w4())
+    for name in ("w1_quantized", "w2_quantized", "w3_quantized"):
+        np.testing.assert_array_equal(
+            again.model.graph.initializers[name].const_value.numpy(),
+            sim.model.graph.initializers[name].const_value.numpy(),
+        )

@@ -1,0 +1,90 @@
+"""Bias correction: planted mean shift removed; analytic E[x] against Monte Carlo."""
+
+import numpy as np
+import pytest
+
+import onnxq
+from onnxq.algorithms import bias_correction
+from onnxq.algorithms.bias_correction import clipped_normal_mean
+from onnxq.quant.config import QuantConfig, QuantSpec
+from onnxq.runtime import run
+from tests.conftest import model_from_text
+
+
+@pytest.mark.parametrize("bounds", [(None, None), (0.0, None), (0.0, 6.0), (-1.0, 0.5)])
+def test_clipped_normal_mean_matches_monte_carlo(bounds):
+    rng = np.random.default_rng(0)
+    mu = np.array([-2.0, 0.0, 0.7, 3.0, 5.5])
+    sigma = np.array([1.0, 0.5, 2.0, 1.5, 3.0])
+    z = rng.standard_normal((400_000, 1)) * sigma + mu
+    lo, hi = bounds
+    mc = np.clip(z, -np.inf if lo is None else lo, np.inf if hi is None else hi).mean(axis=0)
+    np.testing.assert_allclose(clipped_normal_mean(mu, sigma, lo, hi), mc, atol=0.01)
+
+
+CONV = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,4,6,6] x) => (float[N,5,6,6] y) <float[5,4,3,3] w, float[5] b> {
+    y = Conv <pads = [1, 1, 1, 1]> (x, w, b)
+}"""
+
+
+def _shifted_model():
+    # every weight sits at 0.4 of a grid step above a code: nearest rounding drops 0.4·s from
+    # each, a systematic shift of the output mean since the inputs are positive
+    rng = np.random.default_rng(0)
+    step = 0.05
+    codes = rng.integers(-6, 6, size=(5, 4, 3, 3))
+    w = (codes + 0.4) * step
+    w[0, 0, 0, 0] = 7 * step  # pins the 4-bit per-tensor grid at exactly `step`
+    return model_from_text(CONV, w=w.astype(np.float32), b=np.zeros(5, np.float32))
+
+
+def test_empirical_bias_correction_removes_a_planted_mean_shift():
+    model = _shifted_model()
+    rng = np.random.default_rng(1)
+    data = [np.abs(rng.standard_normal((8, 4, 6, 6))).astype(np.float32) + 0.5 for _ in range(4)]
+    config = QuantConfig(weights=QuantSpec(bits=4, symmetric=True), activations=QuantSpec(bits=16))
+    sim = onnxq.quantize(model, data, config)
+    fixed = bias_correction(sim, data, mode="empirical")
+    feeds = {"x": np.concatenate(data)}
+    (ref,) = run(sim.float_model, feeds)
+    shift = lambda m: (run(m, feeds)[0] - ref).mean(axis=(0, 2, 3))  # noqa: E731
+    before, after = shift(sim.model), shift(fixed.model)
+    assert np.all(np.abs(before) > 0.05)  # the plant is real
+    assert np.max(np.abs(after)) < 1e-3 * np.max(np.abs(before)) + 1e-4
+    # the float model carries the corrected bias too
+    b = fixed.float_model.graph.initializers["b"].const_value.numpy()
+    np.testing.assert_allclose(b, -before, rtol=0.02, atol=1e-4)
+
+
+def test_analytic_bias_correction_uses_folded_batchnorm_statistics():
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N,3,8,8] x) => (float[N,4,8,8] y) <float[6,3,3,3] w1, float[6] gamma, float[6] beta, float[6] mean, float[6] var, float[4,6,1,1] w2, float[4] b2> {
+        a = Conv <pads = [1, 1, 1, 1]> (x, w1)
+        n = BatchNormalization (a, gamma, beta, mean, var)
+        r = Relu (n)
+        y = Conv (r, w2, b2)
+    }"""
+    model = model_from_text(text)
+    rng = np.random.default_rng(2)
+    data = [rng.standard_normal((4, 3, 8, 8)).astype(np.float32) for _ in range(2)]
+    config = QuantConfig(weights=QuantSpec(bits=4, symmetric=True))
+    sim = onnxq.quantize(model, data, config, passes=["fold-bn"])
+    fixed = bias_correction(sim, mode="analytic")
+    b_before = sim.float_model.graph.initializers["b2"].const_value.numpy()
+    b_after = fixed.float_model.graph.initializers["b2"].const_value.numpy()
+    assert not np.allclose(b_before, b_after)  # the second conv was corrected
+    # activations keep their encodings without data
+    acts = lambda s: {e.name: e.scale for e in s.encodings if e.kind == "activation"}  # noqa: E731
+    assert acts(fixed) == acts(sim)
+
+
+def test_empirical_mode_without_data_is_a_clear_error():
+    model = _shifted_model()
+    rng = np.random.default_rng(1)
+    data = [rng.standard_normal((2, 4, 6, 6)).astype(np.float32)]
+    sim = onnxq.quantize(model, data)
+    with pytest.raises(onnxq.errors.ConfigError, match="needs calibration data"):
+        bias_correction(sim, mode="empirical")
