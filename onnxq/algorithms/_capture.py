@@ -139,7 +139,8 @@ def capture_targets(
     seed: int,
     progress: Callable[[int], Any] | None = None,
 ) -> dict[str, Sample]:
-    """Sample each layer's output positions and store its float output rows as ``<name>/target``."""
+    """Sample each layer's output positions; store ``f(y)`` there (the float output after the
+    layer's activation) as ``<name>/target``."""
     names = list(dict.fromkeys(layer.output.name for layer in layers))
     session = create_session(_exposed(float_model, names), optimize=True)
     out_names = [o.name for o in session.get_outputs()]
@@ -154,7 +155,8 @@ def capture_targets(
             pos = layer.positions(y.shape, per_batch, rng)
             samples[layer.name].positions.append(pos)
             samples[layer.name].out_shapes.append(tuple(y.shape))
-            chunks[layer.name].append(layer.output_rows(y, pos))
+            # the target is the layer's output after its activation, as the float model computes it
+            chunks[layer.name].append(layer.activation(layer.output_rows(y, pos)))
         del outs
         if progress is not None:
             progress(1)

@@ -195,7 +195,9 @@ def optimize_layers(
     if layers is not None:
         wanted &= set(layers)
     wanted -= set(exclude)
-    all_layers, skipped = find_layers(sim.float_model, wanted)
+    # weights and targets from the FP32 model (before any earlier algorithm), biases as they are now
+    all_layers, skipped = find_layers(sim.fp32_model, wanted)
+    current = {layer.name: layer for layer in find_layers(sim.float_model, wanted)[0]}
     for name, reason in skipped:
         log.info("%s: layer '%s' skipped: %s", what, name, reason)
     work = _WorkingModel(sim, act_quant)
@@ -214,7 +216,7 @@ def optimize_layers(
     new_encodings: dict[str, Encoding] = {e.name: e for e in sim.encodings if e.kind == "param" and e.frozen}
     new_weights: dict[str, np.ndarray] = {}
     with RowStore(int(memory_budget_mb * 2**20)) as store:
-        samples = capture_targets(sim.float_model, chosen, batches, rows_per_layer, store, seed)
+        samples = capture_targets(sim.fp32_model, chosen, batches, rows_per_layer, store, seed)
         log.info("%s: targets of %d layers captured in %.1f s", what, len(chosen), time.perf_counter() - t0)
         for index, layer in enumerate(chosen):
             t1 = time.perf_counter()
@@ -224,7 +226,8 @@ def optimize_layers(
             session = input_session(work.model, work.input_name(layer))
             x = capture_inputs(session, layer, samples[layer.name], batches)
             del session
-            job = LayerJob(layer, w, scale, zero, enc.grid(), layer.bias(), x,
+            bias = current[layer.name].bias() if layer.name in current else layer.bias()
+            job = LayerJob(layer, w, scale, zero, enc.grid(), bias, x,
                            store.get(f"{layer.name}/target"), enc, np.random.default_rng([seed, index]))
             sol = solve(job)
             del x

@@ -193,6 +193,7 @@ def bias_correction(
             usable.append(layer)
 
     by_output = {id(layer.output): layer for layer in layers}
+    reference = {layer.name: layer for layer in find_layers(sim.fp32_model, wanted)[0]}
     analytic: dict[str, np.ndarray] = {}
     if cfg.mode in ("analytic", "hybrid"):
         for layer in usable:
@@ -202,8 +203,9 @@ def bias_correction(
                 continue
             if ex.shape[0] != layer.weight_layer.in_channels:
                 continue
+            ref = reference.get(layer.name, layer)  # W before any earlier algorithm
             wq = _quantized_weight(layer, encs[layer.weight_layer.weight.name])
-            delta = layer.weight_layer.input_dot(wq - layer.weight_layer.canonical(), ex)
+            delta = layer.weight_layer.input_dot(wq - ref.weight_layer.canonical(), ex)
             analytic[layer.name] = delta
 
     corrected = 0
@@ -220,7 +222,7 @@ def bias_correction(
     batches = materialize(data, float_model, cfg.max_samples)
     # float means of every layer output: one pass
     names = list(dict.fromkeys(layer.output.name for layer in usable))
-    session = create_session(_exposed(sim.float_model, names), optimize=True)
+    session = create_session(_exposed(sim.fp32_model, names), optimize=True)
     sums = {n: 0.0 for n in names}
     counts = {n: 0 for n in names}
     for feeds in batches:

@@ -5,7 +5,8 @@ entries ``name, enc_type (PER_TENSOR|PER_CHANNEL), dtype, bw, is_sym, scale[], o
 AIMET's offset is the negated zero point (the grid's minimum is ``offset · scale``; for an
 unsigned asymmetric grid ``offset = −zero_point``). 2.0.0: ``{"version": "2.0.0", "encodings":
 [...]}`` with ``name, output_dtype (uint8|int8|…), y_scale, y_zero_point, axis, block_size`` —
-the QuantizeLinear attributes themselves. Reading either gives :class:`Encoding` objects that
+the QuantizeLinear attributes themselves. Weights whose grid and rounding an algorithm chose
+(AdaRound, SeqMSE) carry ``"is_frozen": true`` so a later calibration keeps them. Reading either gives :class:`Encoding` objects that
 rebuild the same Q/DQ model exactly (see :func:`onnxq.quant.sim.quantize_with_encodings`).
 """
 
@@ -38,6 +39,7 @@ def to_aimet_v1(encodings: Iterable[Encoding], extra: dict[str, Any] | None = No
             "min": [(grid.qmin - z) * s for s, z in zip(e.scale, e.zero_point)],
             "max": [(grid.qmax - z) * s for s, z in zip(e.scale, e.zero_point)],
             **({"axis": e.axis} if e.axis is not None else {}),
+            **({"is_frozen": True} if e.frozen else {}),
         }
 
     encodings = list(encodings)
@@ -61,6 +63,8 @@ def to_v2(encodings: Iterable[Encoding]) -> dict[str, Any]:
         }
         if e.axis is not None:
             entry["axis"] = e.axis
+        if e.frozen:
+            entry["is_frozen"] = True
         out.append(entry)
     return {"version": "2.0.0", "encodings": out}
 
@@ -81,7 +85,7 @@ def _from_v1(entry: dict[str, Any], kind: str) -> Encoding:
     if axis is None and entry.get("enc_type") == "PER_CHANNEL":
         axis = 0
     return Encoding(entry["name"], kind, bits, sym, sym or any(z < 0 for z in zero), scale, zero,
-                    axis)
+                    axis, bool(entry.get("is_frozen", False)))
 
 
 def _from_v2(entry: dict[str, Any]) -> Encoding:
@@ -94,7 +98,7 @@ def _from_v2(entry: dict[str, Any]) -> Encoding:
     zero = tuple(int(z) for z in (zero if isinstance(zero, list) else [zero]))
     kind = entry.get("kind", "param" if entry.get("axis") is not None else "activation")
     return Encoding(entry["name"], kind, bits, signed and not any(zero), signed, scale, zero,
-                    entry.get("axis"))
+                    entry.get("axis"), bool(entry.get("is_frozen", False)))
 
 
 def read_encodings(path: str | os.PathLike) -> dict[str, Encoding]:

@@ -31,13 +31,24 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class QuantSim:
-    """A quantized model: ``model`` (QDQ), the ``float_model`` it came from, and its encodings."""
+    """A quantized model: ``model`` (QDQ), the ``float_model`` it came from, and its encodings.
+
+    After a data-driven algorithm (AdaRound, SeqMSE, bias correction) ``float_model`` carries the
+    optimized weights / biases (what the encodings describe) and ``reference`` the float model
+    before any of them: the FP32 targets every later algorithm reconstructs.
+    """
 
     model: ir.Model
     float_model: ir.Model
     encodings: list[Encoding]
     config: QuantConfig
     plan: QuantPlan
+    reference: ir.Model | None = None
+
+    @property
+    def fp32_model(self) -> ir.Model:
+        """The float model before any data-driven algorithm changed its weights."""
+        return self.reference if self.reference is not None else self.float_model
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         from onnxq.runtime import run
@@ -117,7 +128,7 @@ def quantize_with_encodings(
             f"the encodings have no entry for {len(missing)} quantized tensor(s), e.g. "
             f"'{missing[0]}': they belong to another model or another config"
         )
-    encodings_out = insert_qdq(qdq, plan, {}, None, given)
+    encodings_out = _keep_frozen(insert_qdq(qdq, plan, {}, None, given), given)
     Cleanup()(qdq)
     return QuantSim(qdq, float_model, encodings_out, config, plan)
 
@@ -237,10 +248,13 @@ def rebuild(
         from onnxq.passes.cleanup import Cleanup
 
         Cleanup()(qdq)
-        return QuantSim(qdq, float_model, _keep_frozen(encodings, given), sim.config, plan)
-    return _calibrate_and_build(
+        return QuantSim(qdq, float_model, _keep_frozen(encodings, given), sim.config, plan,
+                        sim.fp32_model)
+    out = _calibrate_and_build(
         float_model, sim.config, plan, calibration_data, progress, dict(weight_encodings)
     )
+    out.reference = sim.fp32_model
+    return out
 
 
 def _keep_frozen(encodings: list[Encoding], given: Mapping[str, Encoding]) -> list[Encoding]:

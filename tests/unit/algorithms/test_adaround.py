@@ -144,6 +144,11 @@ def test_encodings_round_trip_keeps_adarounded_weights(tmp_path):
     data = [rng.standard_normal((8, 3, 8, 8)).astype(np.float32) for _ in range(2)]
     sim = adaround(onnxq.quantize(model, data, _w4()), data, iterations=50, rows_per_layer=256)
     files = sim.export(tmp_path)
+    from onnxq.quant.encodings import read_encodings
+
+    for key in ("encodings", "encodings_v2"):
+        read = read_encodings(files[key])
+        assert read["w1"].frozen and read["w3"].frozen
     again = onnxq.quant.sim.quantize_with_encodings(onnxq.load(files["float"]), files["encodings"], _w4())
     for name in ("w1_quantized", "w2_quantized", "w3_quantized"):
         np.testing.assert_array_equal(

@@ -99,3 +99,22 @@ def test_activation_gradients_match_finite_differences(act):
     eps = 1e-6
     numeric = (act(y + eps) - act(y - eps)) / (2 * eps)
     np.testing.assert_allclose(act.grad(y), numeric, atol=1e-5)
+
+
+def test_targets_are_taken_after_the_activation():
+    from onnxq.algorithms._capture import RowStore, capture_targets
+
+    model = model_from_text("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,2,5,5] x) => (float[N,3,5,5] y) <float[3,2,3,3] w, float[3] b> {
+            t = Conv <pads = [1, 1, 1, 1]> (x, w, b)
+            y = Relu (t)
+        }""")
+    layers, _ = find_layers(model)
+    feeds = random_feeds(model, batch=4)
+    with RowStore(2**20) as store:
+        samples = capture_targets(model, layers, [feeds], 30, store, seed=0)
+        target = store.get(f"{layers[0].name}/target")
+        (y,) = run(model, feeds)
+        np.testing.assert_allclose(target, layers[0].output_rows(y, samples[layers[0].name].positions[0]), atol=1e-6)
+        assert target.min() >= 0

@@ -31,7 +31,7 @@ def test_seq_mse_then_adaround_end_to_end():
     config = QuantConfig(weights=QuantSpec(bits=4, symmetric=True, per_channel=True))
     sim = onnxq.quantize(model, data, config)
     s1 = seq_mse(sim, data, rows_per_layer=512)
-    s2 = adaround(s1, data, iterations=100, rows_per_layer=512)
+    s2 = adaround(s1, data, iterations=300, batch_rows=128, rows_per_layer=1024)
     scales = lambda s: {e.name: e.scale for e in s.encodings if e.kind == "param" and e.bits == 4}  # noqa: E731
     assert scales(s2) == scales(s1)  # AdaRound keeps the grid SeqMSE chose
     assert all(e.frozen for e in s1.encodings if e.kind == "param" and e.bits == 4)
@@ -39,3 +39,6 @@ def test_seq_mse_then_adaround_end_to_end():
     (ref,) = run(sim.float_model, {"x": test})
     err = lambda m: float(np.mean((run(m, {"x": test})[0] - ref) ** 2))  # noqa: E731
     assert err(s1.model) <= err(sim.model) * 1.05
+    # AdaRound after SeqMSE still optimizes against the FP32 weights, not SeqMSE's rounded ones
+    assert err(s2.model) < err(s1.model)
+    assert s2.fp32_model is s1.fp32_model is sim.float_model
