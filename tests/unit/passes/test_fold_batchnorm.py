@@ -564,6 +564,9 @@ def build_chain(seed: int, lead_bn: bool, blocks: list[dict], x_data: np.ndarray
 @settings(
     max_examples=int(os.environ.get("ONNXQ_HYPOTHESIS_EXAMPLES", "25")),
     deadline=None,
+    # the same examples on every run: CI must not turn red on a newly drawn float32 corner
+    # (raise ONNXQ_HYPOTHESIS_EXAMPLES locally to explore further)
+    derandomize=True,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(chain=conv_chains())
