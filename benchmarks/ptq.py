@@ -125,7 +125,7 @@ def run_model(model: str, work: Path, pattern: str | None) -> dict[str, Any]:
     fp32 = evaluate(asset_path(model))
     rows_out = [{"row": "fp32", "label": "FP32", metric: fp32[metric]}]
     for row in rows_for(model):
-        if pattern and pattern not in row.id:
+        if pattern and row.id not in pattern.split(","):
             continue
         log.info("%s: %s", model, row.id)
         res = spawn(model, row, work)
@@ -152,7 +152,7 @@ def _print_row(res: dict[str, Any], metric: str, ref: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--rows", default=None, help="only rows whose id contains this")
+    parser.add_argument("--rows", default=None, help="only these row ids (comma-separated)")
     parser.add_argument("--json", default=str(RESULTS / "ptq.json"))
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)

@@ -31,6 +31,7 @@ import onnx_ir as ir
 from scipy import special
 
 from onnxq.algorithms._capture import _exposed, materialize
+from onnxq.algorithms._driver import _widen_int4
 from onnxq.algorithms._layers import Layer, find_layers, quantized_layer_map
 from onnxq.errors import ConfigError
 from onnxq.passes._graph import BN_STATS_KEY, constant, is_op, set_constant
@@ -235,6 +236,8 @@ def bias_correction(
 
     work = sim.model.clone()
     q_layers = quantized_layer_map(work)
+    for _, dq in q_layers.values():
+        _widen_int4(dq)  # same values; onnxruntime then runs integer kernels (none for int4)
     for index, layer in enumerate(usable):
         wl = layer.weight_layer
         if layer.name in analytic:
