@@ -19,7 +19,14 @@ included) on the same float model and the same calibration batches. Per row:
 * which integer kernels onnxruntime fused: the optimized graph is saved
   (``SessionOptions.optimized_model_filepath``) and its op types counted;
 * calibration time against plain FP32 inference (optimizations on, 2 threads) over the same
-  calibration batches (target: calibration ≤ 2× inference).
+  calibration batches (target: calibration ≤ 2× inference): per row, the row's own calibration
+  against the best of 3 FP32 runs; and, per model, ``calibration_timing``: onnxq's calibration
+  (statistics pass + range computation) for minmax / mse / entropy alternated with FP32 inference
+  ``--calib-reps`` times (default 3), best against best — the figure to quote on a shared machine.
+
+onnxq rows use its default placement ("runtime": quantizers only where onnxruntime runs integer
+kernels); the ``, all`` rows use ``placement="all"`` (a quantizer at every op boundary, onnxq's
+placement before), for comparison.
 
 Models and data:
 
@@ -47,7 +54,8 @@ only when the row they stand in for failed.
 Run::
 
     python -m benchmarks.quantize [--models effnet-lite0-bn,ppocr-rec,minilm] [--quick]
-                                  [--json PATH] [--no-profile] [--keep DIR]
+                                  [--json PATH] [--no-profile] [--keep DIR] [--rows ID,...]
+                                  [--calib-reps N] [--rounds N]
 
 ``--quick``: EfficientNet-Lite0 only, 64 calibration images (smoke check). A subprocess whose
 resident size passes ``--mem-limit-gb`` (default 17) is killed and its row reports that.
@@ -113,6 +121,8 @@ class Row:
     ort_options: Any = None
     #: onnxq: QuantConfig.op_overrides (workaround rows)
     overrides: Any = None
+    #: onnxq: other QuantConfig fields (e.g. {"placement": "all"})
+    config: Any = None
     #: onnxq: "asset" (the cached model) or a prepared float variant in the work folder
     source: str = "asset"
     #: a workaround row: runs only when the row with this id failed
@@ -126,6 +136,8 @@ STRIDED = {"CalibStridedMinMax": 1}
 #: into an activation group, which calibration refuses
 NO_AVGPOOL = {"AveragePool": {"skip": True}}
 NO_GATHER = {"Gather": {"skip": True}}
+#: onnxq's placement before the "runtime" placement: a quantizer at every op boundary
+ALL = {"placement": "all"}
 
 
 def rows_for(model: str) -> list[Row]:
@@ -138,6 +150,8 @@ def rows_for(model: str) -> list[Row]:
                 ["fold-bn"], method="mse"),
             Row(f"{e}/pc-onnxq-entropy", model, "W8A8 per-channel  onnxq entropy", "onnxq", True,
                 ["fold-bn"], method="entropy"),
+            Row(f"{e}/pc-onnxq-minmax-all", model, "W8A8 per-channel  onnxq minmax, all", "onnxq",
+                True, ["fold-bn"], config=ALL),
             Row(f"{e}/pc-ort-minmax", model, "W8A8 per-channel  ORT MinMax", "ort", True,
                 float_variant="folded"),
             Row(f"{e}/pc-ort-entropy", model, "W8A8 per-channel  ORT Entropy strided", "ort",
@@ -164,6 +178,10 @@ def rows_for(model: str) -> list[Row]:
                 ["fold-bn"]),
             Row(f"{p}/pc-onnxq-mse", model, "W8A8 per-channel  onnxq mse", "onnxq", True,
                 ["fold-bn"], method="mse"),
+            Row(f"{p}/pc-onnxq-entropy", model, "W8A8 per-channel  onnxq entropy", "onnxq", True,
+                ["fold-bn"], method="entropy"),
+            Row(f"{p}/pc-onnxq-minmax-all", model, "W8A8 per-channel  onnxq minmax, all", "onnxq",
+                True, ["fold-bn"], config=ALL),
             Row(f"{p}/pc-ort-minmax", model, "W8A8 per-channel  ORT MinMax", "ort", True,
                 float_variant="lifted13"),
             Row(f"{p}/pc-ort-entropy", model, "W8A8 per-channel  ORT Entropy strided", "ort",
@@ -180,6 +198,12 @@ def rows_for(model: str) -> list[Row]:
             Row(f"{m}/pc-onnxq-minmax", model, "W8A8 per-channel  onnxq minmax", "onnxq", True),
             Row(f"{m}/pc-onnxq-minmax-wa", model, "W8A8 per-channel  onnxq minmax (wa)", "onnxq",
                 True, overrides=NO_GATHER, fallback_for=f"{m}/pc-onnxq-minmax"),
+            Row(f"{m}/pc-onnxq-entropy", model, "W8A8 per-channel  onnxq entropy", "onnxq", True,
+                method="entropy"),
+            Row(f"{m}/pc-onnxq-minmax-all", model, "W8A8 per-channel  onnxq minmax, all", "onnxq",
+                True, config=ALL),
+            Row(f"{m}/pc-onnxq-minmax-lnint", model, "W8A8 per-channel  onnxq minmax, LN int",
+                "onnxq", True, config={"integer_readers": ("LayerNormalization",)}),
             Row(f"{m}/pc-ort-minmax", model, "W8A8 per-channel  ORT MinMax", "ort", True,
                 float_variant="float"),
             Row(f"{m}/pc-ort-entropy", model, "W8A8 per-channel  ORT Entropy strided", "ort",
@@ -365,6 +389,7 @@ def _onnxq_config(row: Row):
                                 range_method=row.method),
         activations=onnxq.QuantSpec(bits=8, symmetric=False, range_method=row.method),
         op_overrides=dict(row.overrides or {}),
+        **dict(row.config or {}),
     )
 
 
@@ -623,6 +648,53 @@ def _summarize_ops(ops: dict[str, int]) -> dict[str, int]:
     return out
 
 
+CALIBRATION_METHODS = ("minmax", "mse", "entropy")
+
+
+def calibration_timing(model: str, float_path: Path, batches: list, reps: int) -> dict[str, Any]:
+    """onnxq's calibration — the statistics pass of ``onnxq.quantize`` (``collect_statistics``
+    over the tensors ``annotate`` chose) plus the range computation, exactly as ``quantize`` calls
+    them — next to FP32 inference over the same batches, alternated ``reps`` times; the ratio is
+    best calibration / best inference, so that load from other processes does not decide it."""
+    import onnxq
+    from onnxq.quant.annotate import annotate
+    from onnxq.quant.observers import RANGE_METHODS
+    from onnxq.runtime.capture import collect_statistics
+
+    float_model = onnxq.optimize(asset_path(model), passes=[] if model == "minilm" else ["fold-bn"])
+    plans = {}
+    for method in CALIBRATION_METHODS:
+        config = _onnxq_config(Row("timing", model, "", "onnxq", True, method=method))
+        plans[method] = annotate(float_model, config)
+    runs: dict[str, list] = {"fp32": [], **{m: [] for m in CALIBRATION_METHODS}}
+    for _ in range(reps):
+        runs["fp32"].append(fp32_inference_s(float_path, batches, optimize=True))
+        for method, plan in plans.items():
+            names = sorted({v.name for g in plan.groups for v in g.members if v.name})
+            histogram = any(g.spec.range_method != "minmax" for g in plan.groups
+                            if g.fixed_range is None)
+            t = time.perf_counter()
+            observers = collect_statistics(float_model, names, batches, histogram=histogram)
+            t_stats = time.perf_counter() - t
+            for group in plan.groups:
+                if group.fixed_range is None:
+                    for v in group.members:
+                        if v.name in observers:
+                            RANGE_METHODS[method](observers[v.name], bits=8, symmetric=False)
+            runs[method].append((time.perf_counter() - t, t_stats))
+            del observers
+    fp32 = min(runs["fp32"])
+    out: dict[str, Any] = {"fp32_inference_s": fp32, "reps": reps,
+                           "fp32_runs_s": runs["fp32"]}
+    for method in CALIBRATION_METHODS:
+        best = min(runs[method])
+        out[method] = {"calibration_s": best[0], "statistics_s": best[1],
+                       "ratio": best[0] / fp32, "runs_s": [r[0] for r in runs[method]],
+                       "observed_tensors": len({v.name for g in plans[method].groups
+                                                for v in g.members if v.name})}
+    return out
+
+
 def run_model(model: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     floats = prepare_floats(model, work)
     evaluate = Evaluator(model)
@@ -640,6 +712,10 @@ def run_model(model: str, work: Path, args: argparse.Namespace) -> dict[str, Any
         "samples": int(sum(next(iter(b.values())).shape[0] for b in batches)),
         "batches": len(batches),
     }
+    timing = None
+    if args.calib_reps > 0:
+        log.info("%s: calibration timing, %d rounds", model, args.calib_reps)
+        timing = calibration_timing(model, floats["float"], batches, args.calib_reps)
     rows: dict[str, Any] = {"fp32": fp32}
     wanted = [r for r in rows_for(model) if not args.rows or r.id in args.rows]
     for row in wanted:
@@ -679,15 +755,18 @@ def run_model(model: str, work: Path, args: argparse.Namespace) -> dict[str, Any
                 row["qdq"] = Path(row["qdq"]).name
 
     profile = None
-    prof_row = next((r for r in wanted if r.tool == "onnxq" and r.method == "minmax"
-                     and r.per_channel), None)
+    onnxq_pc = [r for r in wanted if r.tool == "onnxq" and r.per_channel and not r.config
+                and not r.fallback_for]
+    prof_row = next((r for r in onnxq_pc if r.method == "mse"), None) or next(
+        (r for r in onnxq_pc if r.method == "minmax"), None)  # histogram calibration if any
     if args.profile and prof_row is not None:
         log.info("%s: cProfile run", prof_row.id)
         prof = spawn(prof_row, work, args.quick, args.mem_limit_gb * 2**30, args.timeout,
                      profile=True)
         profile = {"row": prof_row.id, **{k: prof.get(k) for k in ("profile", "timings")}}
     return {"asset": model, "metric": metric, "commit": _commit(),
-            "calibration_reference": inference, "rows": rows, "profile": profile}
+            "calibration_reference": inference, "calibration_timing": timing, "rows": rows,
+            "profile": profile}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -724,6 +803,14 @@ def print_report(result: dict[str, Any]) -> None:
         print(f"  {row['label']:<38} {value:6.4f} {delta:+6.1f} {agree:>5} {quant:>7} {calib:>7}"
               f" {ratio:>8} {peak:>8} {dpeak:>6} {row['latency_b1_ms']:7.2f}"
               f" {row['latency_b32_ms']:8.1f}")
+    timing = result.get("calibration_timing")
+    if timing:
+        print(f"  calibration vs FP32 inference over the same batches (best of {timing['reps']}"
+              f" alternated runs; FP32 {timing['fp32_inference_s']:.2f} s):")
+        for method in CALIBRATION_METHODS:
+            t = timing[method]
+            print(f"    {method:<8} {t['calibration_s']:6.2f} s  ({t['ratio']:.2f}x; statistics "
+                  f"{t['statistics_s']:.2f} s, {t['observed_tensors']} tensors)")
     cols = list(_summarize_ops({}).keys())
     short = {"MatMulIntegerToFloat": "MMIntToF", "DynamicQuantizeMatMul": "DynQMM",
              "DequantizeLinear": "DQ", "QuantizeLinear": "Q", "QLinear* other": "QLin*other",
@@ -752,6 +839,35 @@ def print_report(result: dict[str, Any]) -> None:
         for item in prof["profile"]["by_tottime"][:8]:
             print(f"    {item['tottime_s']:8.2f} s own {item['cumtime_s']:8.2f} s cum "
                   f"{item['calls']:>8}x  {item['function'][:90]}")
+
+
+def _write_results(path: Path, results: dict[str, Any], merge: bool, partial: bool) -> None:
+    """Write ``results``; with ``merge``, models not run now keep their entries from the file
+    (one model at a time can be re-run), and with ``partial`` (``--rows``) so do the rows of a
+    model that were not run now (its FP32 row and calibration timing are the new ones)."""
+    out = results
+    if merge and path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            old = {}
+        previous = {m.get("asset"): m for m in old.get("models", [])}
+        fresh = []
+        for model in results["models"]:
+            before = previous.pop(model["asset"], None)
+            if partial and before is not None:
+                rows = {**before.get("rows", {}), **model["rows"]}
+                model = {**before, **model, "rows": rows}
+                for key in ("calibration_timing", "profile"):
+                    if model.get(key) is None:
+                        model[key] = before.get(key)
+            fresh.append(model)
+        order = {m: i for i, m in enumerate(MODELS)}
+        models = sorted(list(previous.values()) + fresh,
+                        key=lambda m: order.get(m.get("asset"), 99))
+        out = {**results, "models": models}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1, default=float))
 
 
 def _commit() -> str:
@@ -799,6 +915,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mem-limit-gb", type=float, default=17.0,
                         help="kill a quantization subprocess above this resident size")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per subprocess")
+    parser.add_argument("--no-merge", dest="merge", action="store_false",
+                        help="overwrite the JSON instead of replacing only the models run now")
+    parser.add_argument("--calib-reps", type=int, default=3,
+                        help="rounds of the calibration-vs-FP32 timing (0: skip it)")
     # child mode
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -828,8 +948,7 @@ def main(argv: list[str] | None = None) -> int:
             print_report(result)
             results["models"].append(result)
             if json_path is not None:
-                json_path.parent.mkdir(parents=True, exist_ok=True)
-                json_path.write_text(json.dumps(results, indent=1, default=float))
+                _write_results(json_path, results, merge=args.merge, partial=bool(args.rows))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

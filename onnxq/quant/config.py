@@ -1,15 +1,17 @@
 """Quantization configuration: frozen dataclasses that serialize to and from versioned dicts.
 
 ``QuantSpec`` says how one tensor is quantized (bit-width, symmetric or not, per tensor or per
-channel, range method); ``QuantConfig`` holds the defaults for weights and activations, the
-fusion supergroups inside which no quantizer is placed, and per-node / per-op-type overrides.
+channel, range method); ``QuantConfig`` holds the defaults for weights and activations, where
+activation quantizers go (``placement``: only where the runtime has integer kernels, or at every
+op boundary), the fusion supergroups inside which no quantizer is placed, and per-node /
+per-op-type overrides.
 Presets: ``default`` (per-tensor symmetric INT8 weights, asymmetric UINT8 activations),
 ``per-channel`` (per-channel weights), ``w8a16`` (16-bit activations).
 """
 
 from __future__ import annotations
 
-__all__ = ["QuantSpec", "QuantConfig", "PRESETS", "preset"]
+__all__ = ["QuantSpec", "QuantConfig", "PRESETS", "preset", "DEFAULT_INTEGER_OPS", "PLACEMENTS"]
 
 import dataclasses
 import json
@@ -74,6 +76,19 @@ DEFAULT_SUPERGROUPS: tuple[tuple[str, ...], ...] = (
 )
 
 
+#: ops that onnxruntime's CPU provider runs as integer kernels once Q/DQ surround them (its QDQ
+#: selectors: QLinearConv, QLinearMatMul / MatMulIntegerToFloat, QGemm, QLinearAdd, QLinearMul,
+#: QLinearSigmoid, QLinearSoftmax, QLinear(Global)AveragePool, QLinearLeakyRelu, QLinearConcat,
+#: QLinearWhere). Data-movement ops (Reshape, Transpose, Slice, MaxPool, …) run on the integers
+#: when they sit between equal Q/DQ pairs; everything else (Div, Sub, Pow, Erf, LayerNormalization,
+#: HardSigmoid, HardSwish, Tanh, ReduceMean, ConvTranspose, …) runs in float.
+DEFAULT_INTEGER_OPS: tuple[str, ...] = (
+    "Conv", "MatMul", "Gemm", "Add", "Mul", "Sigmoid", "Softmax", "AveragePool",
+    "GlobalAveragePool", "LeakyRelu", "Concat", "Where",
+)
+PLACEMENTS = ("runtime", "all")
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
     weights: QuantSpec = QuantSpec(bits=8, symmetric=True)
@@ -82,11 +97,36 @@ class QuantConfig:
     model_inputs: bool = True
     model_outputs: bool = False
     supergroups: tuple[tuple[str, ...], ...] = DEFAULT_SUPERGROUPS
+    #: where activation quantizers go: "runtime" — only on tensors that an integer kernel of the
+    #: runtime reads or writes (a Q/DQ pair anywhere else only adds two ops and rounding error);
+    #: "all" — at every op boundary, as a fixed-point accelerator computes (AIMET's simulation)
+    placement: str = "runtime"
+    #: op types the runtime executes as integer kernels (placement "runtime")
+    integer_ops: tuple[str, ...] = DEFAULT_INTEGER_OPS
+    #: placement "runtime": float ops that the vote counts as integer neighbours of the light ops
+    #: that feed them. ("LayerNormalization",) makes a residual Add before a LayerNormalization
+    #: run in integers, as onnxruntime.quantization does: onnxruntime then cannot fuse the float
+    #: Add + LayerNormalization into SkipLayerNormalization, whose CPU kernel is ~15x slower than
+    #: Add + LayerNormalization (1.32, [32, 64, 384]), but the LayerNorm's input is quantized
+    integer_readers: tuple[str, ...] = ()
+    #: placement "runtime": a Mul or Div by a positive scalar constant between two quantized
+    #: tensors becomes a change of scale of the DequantizeLinear after it (the op disappears)
+    fold_scalar_scales: bool = True
+    #: constants of at least this magnitude are stand-ins for ±∞ (attention masks: −1e4, −1e9,
+    #: float32's lowest): tensors computed from them by element-wise or data-movement ops are
+    #: never quantized (their grid would have no room left for the real values); 0 disables
+    sentinel: float = 1e4
     #: node name → {"weights": {...}, "activations": {...}} or {"skip": True}
     node_overrides: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     #: op type → same as node_overrides
     op_overrides: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        if self.placement not in PLACEMENTS:
+            raise ConfigError(
+                f"placement '{self.placement}' is not one of {', '.join(PLACEMENTS)}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -97,6 +137,11 @@ class QuantConfig:
             "model_inputs": self.model_inputs,
             "model_outputs": self.model_outputs,
             "supergroups": [list(g) for g in self.supergroups],
+            "placement": self.placement,
+            "integer_ops": list(self.integer_ops),
+            "integer_readers": list(self.integer_readers),
+            "fold_scalar_scales": self.fold_scalar_scales,
+            "sentinel": self.sentinel,
             "node_overrides": {k: dict(v) for k, v in self.node_overrides.items()},
             "op_overrides": {k: dict(v) for k, v in self.op_overrides.items()},
         }
@@ -118,6 +163,11 @@ class QuantConfig:
             model_inputs=bool(data.get("model_inputs", base.model_inputs)),
             model_outputs=bool(data.get("model_outputs", base.model_outputs)),
             supergroups=tuple(tuple(g) for g in data.get("supergroups", base.supergroups)),
+            placement=str(data.get("placement", base.placement)),
+            integer_ops=tuple(data.get("integer_ops", base.integer_ops)),
+            integer_readers=tuple(data.get("integer_readers", base.integer_readers)),
+            fold_scalar_scales=bool(data.get("fold_scalar_scales", base.fold_scalar_scales)),
+            sentinel=float(data.get("sentinel", base.sentinel)),
             node_overrides=dict(data.get("node_overrides", {})),
             op_overrides=dict(data.get("op_overrides", {})),
             version=version,
@@ -147,7 +197,9 @@ class QuantConfig:
         """Import an AIMET runtime config (``defaults``, ``params``, ``op_type``, ``supergroups``,
         ``model_input``, ``model_output``; booleans may be the strings "True"/"False").
 
-        Bit-widths are not part of AIMET's runtime config; they come from ``base``.
+        Bit-widths are not part of AIMET's runtime config; they come from ``base``. AIMET
+        simulates a fixed-point target whose every op output is quantized unless the config says
+        otherwise, so the placement is ``"all"``.
         """
         base = base or cls()
         defaults = data.get("defaults", {})
@@ -196,6 +248,8 @@ class QuantConfig:
             model_inputs=_bool(data.get("model_input", {}).get("is_input_quantized", base.model_inputs)),
             model_outputs=_bool(data.get("model_output", {}).get("is_output_quantized", base.model_outputs)),
             supergroups=supergroups,
+            placement="all",
+            integer_ops=base.integer_ops,
             node_overrides=dict(base.node_overrides),
             op_overrides={**dict(base.op_overrides), **op_overrides},
         )

@@ -5,7 +5,14 @@
 * a weight is stored as integers (``<name>_quantized``) and read through ``DequantizeLinear``
   (with ``axis`` when per channel), so the file shrinks and onnxruntime fuses the pattern into
   integer kernels (QLinearConv, QLinearMatMul, …);
-* a bias is stored as int32 with scale ``s_input · s_weight`` and zero point 0.
+* a bias is stored as int32 with scale ``s_input · s_weight`` and zero point 0;
+* a constant operand of an integer Add / Mul is stored on the activations' grid (per tensor, over
+  its own range with 0 included: a scalar ``c`` is exact, ``c = (q − z)·s`` with ``q`` at an end of
+  the grid) and read through its own ``DequantizeLinear``, so QLinearAdd / QLinearMul fuse;
+* a Mul / Div by a positive scalar ``k`` that the plan folds disappears: ``DQ(q; s·k, z) =
+  k·DQ(q; s, z)``, so the readers of ``x·k`` get ``DequantizeLinear`` of ``x``'s integers with the
+  scale ``s·k`` (exact up to the float32 rounding of ``s·k``; one rounding fewer than quantizing
+  ``x·k`` again).
 
 The QDQ model *is* the simulation: plain onnxruntime runs it. Per-channel weights need opset ≥ 13,
 16- and 4-bit tensors opset ≥ 21 (:func:`required_opset`).
@@ -125,9 +132,20 @@ def insert_qdq(
     encodings: list[Encoding] = []
     act_enc: dict[int, Encoding] = {}
     for group in plan.groups:
+        if group.source is not None:
+            continue
         lo, hi = ranges.get(id(group), (0.0, 0.0))
         for value in group.quantized:
             enc = given.get(value.name or "") or _activation_encoding(value, group, lo, hi)
+            act_enc[id(value)] = enc
+            encodings.append(enc)
+    derived = _derived_order(plan)
+    for group in derived:  # a scaled copy of its source's grid
+        base = act_enc[id(group.source)]
+        for value in group.quantized:
+            enc = dataclasses.replace(
+                base, name=value.name or "", scale=(float(base.scale[0]) * group.factor,)
+            )
             act_enc[id(value)] = enc
             encodings.append(enc)
 
@@ -193,17 +211,105 @@ def insert_qdq(
         encodings.append(Encoding(name, "param", 32, True, True,
                                   tuple(scale.astype(float).tolist()), tuple([0] * b.size), 0))
 
+    # constant operands of integer element-wise ops: one integer copy per constant, one DQ per node
+    stored: dict[int, tuple[ir.Value, ir.Value, ir.Value]] = {}
+    for site in plan.constants:
+        c = constant(site.value)
+        name = site.value.name or "constant"
+        if id(site.value) not in stored:
+            known = given.get(name)
+            if known is not None and known.kind == "param" and known.axis is None:
+                scale = np.asarray(known.scale[0], np.float64)
+                zero = np.asarray(known.zero_point[0], np.int64)
+                bits, symmetric, signed = known.bits, known.symmetric, known.signed
+                rng = known.grid()
+            else:
+                spec = site.spec
+                scale, zero, rng = affine_params(
+                    min(float(c.min()), 0.0), max(float(c.max()), 0.0), spec.bits,
+                    spec.symmetric, spec.strict,
+                )
+                bits, symmetric, signed = spec.bits, spec.symmetric, spec.signed
+            codes = quantize(c.astype(np.float64), scale, zero, rng)
+            q_init = _initializer(graph, _int_tensor(codes, bits, signed, ""), f"{name}_quantized")
+            s_init = add_initializer(graph, np.asarray(scale, np.float32).reshape(()), f"{name}_scale")
+            z_init = _initializer(
+                graph, _int_tensor(np.asarray(zero).reshape(()), bits, signed, ""), f"{name}_zero_point"
+            )
+            stored[id(site.value)] = (q_init, s_init, z_init)
+            encodings.append(Encoding(name, "param", bits, symmetric, signed,
+                                      (float(scale),), (int(zero),)))
+        dq = _dq(list(stored[id(site.value)]), None, f"{name}_{site.node.name or 'node'}", site.value)
+        graph.insert_before(site.node, dq)
+        site.node.replace_input_with(site.index, dq.outputs[0])
+
     # activations
     first = graph.node(0) if len(graph) else None
+    views: dict[int, tuple[ir.Value, ir.Value]] = {}  # value → (its integers, their zero point)
     for group in plan.groups:
+        if group.source is None:
+            for value in group.quantized:
+                views[id(value)] = _wrap_activation(graph, value, act_enc[id(value)], first)
+    for group in derived:
         for value in group.quantized:
-            _wrap_activation(graph, value, act_enc[id(value)], first)
+            if group.folded is not None and value is group.folded.outputs[0]:
+                views[id(value)] = _fold_scaling(
+                    graph, group.folded, value, views[id(group.source)], act_enc[id(value)]
+                )
+            else:
+                views[id(value)] = _wrap_activation(graph, value, act_enc[id(value)], first)
     return encodings
 
 
-def _wrap_activation(graph: ir.Graph, value: ir.Value, enc: Encoding, first: ir.Node | None) -> None:
+def _derived_order(plan: QuantPlan) -> list[ActivationGroup]:
+    """Groups that copy another's grid, each after the group of its source."""
+    owner = {id(v): g for g in plan.groups for v in g.quantized}
+    done: set[int] = set()
+    order: list[ActivationGroup] = []
+
+    def visit(group: ActivationGroup, depth: int = 0) -> None:
+        if group.source is None or id(group) in done:
+            return
+        src = owner.get(id(group.source))
+        if src is None or depth > len(plan.groups):
+            raise ValueError(f"the source of '{group.quantized[0].name}' is not quantized")
+        visit(src, depth + 1)
+        done.add(id(group))
+        order.append(group)
+
+    for group in plan.groups:
+        visit(group)
+    return order
+
+
+def _fold_scaling(
+    graph: ir.Graph, node: ir.Node, value: ir.Value, view: tuple[ir.Value, ir.Value],
+    enc: Encoding,
+) -> tuple[ir.Value, ir.Value]:
+    """Replace ``value = node(x)`` (``x·k``) by DequantizeLinear of ``x``'s integers with the
+    scaled scale ``enc``, one per reader; ``node`` and the DQ that fed it go."""
+    name = value.name or "act"
+    integers, zero = view
+    scale = add_initializer(graph, np.array(enc.scale[0], np.float32), f"{name}_scale")
+    for i, usage in enumerate(list(value.uses())):
+        dq = _dq([integers, scale, zero], None, name if i == 0 else f"{name}_{i}", value)
+        graph.insert_before(usage.node, dq)
+        usage.node.replace_input_with(usage.idx, dq.outputs[0])
+    feeders = [v.producer() for v in node.inputs if v is not None]
+    graph.remove(node, safe=True)
+    for feeder in feeders:  # the DequantizeLinear that fed only the removed node
+        if is_op(feeder, "DequantizeLinear") and not any(o.uses() for o in feeder.outputs) and \
+                not any(o.is_graph_output() for o in feeder.outputs):
+            graph.remove(feeder, safe=True)
+    return integers, zero
+
+
+def _wrap_activation(
+    graph: ir.Graph, value: ir.Value, enc: Encoding, first: ir.Node | None
+) -> tuple[ir.Value, ir.Value]:
     """One QuantizeLinear, and one DequantizeLinear per reader (onnxruntime's QDQ selectors fuse
-    a DQ only into its sole reader: a shared DQ would keep e.g. a residual Add in float)."""
+    a DQ only into its sole reader: a shared DQ would keep e.g. a residual Add in float).
+    Returns the quantized tensor and its zero point."""
     name = value.name or "act"
     readers = list(value.uses())  # before the Q node below becomes a reader too
     scale = add_initializer(graph, np.array(enc.scale[0], np.float32), f"{name}_scale")
@@ -235,6 +341,7 @@ def _wrap_activation(graph: ir.Graph, value: ir.Value, enc: Encoding, first: ir.
             if o is value:
                 graph.outputs[i] = out
         out.name, value.name = name, f"{name}_float"
+    return q.outputs[0], zero
 
 
 def _drop_redundant_clip(graph: ir.Graph, value: ir.Value, q: ir.Node, enc: Encoding) -> None:

@@ -5,7 +5,15 @@ the number of batches: the running min / max, the count of finite values (non-fi
 the ``-inf`` of an attention mask, are counted and left out), optionally the per-channel min / max
 along one axis, and a histogram of ``bins`` equal-width bins.
 
-**Histogram growth is exact.** The histogram covers ``[lo, lo + bins·w)``. When a batch falls
+**One pass, float32.** A batch is read from memory once, in chunks that stay in cache: per chunk
+its min / max, then bin indices ``⌊(x − lo)·(1/w)⌋`` computed in float32 and counted with
+``np.bincount``, and the count of exact zeros. Counts, extremes and zeros are exact; a value
+within about 1e-4 bin widths of an edge may land in the neighbouring bin (float32 rounding of its
+position; float64 would cost another pass). Cost on this project's 2-core machine: about 2.5–4 ns
+per value with the histogram (the old float64, multi-pass update: 7–8 ns), 0.3 ns for min / max
+only.
+
+**Histogram growth is exact.** The histogram covers ``[lo, lo + bins·w)``. When a chunk falls
 outside, the bin width grows by the smallest integer factor ``k`` (``w' = k·w``) and the new left
 edge moves by a whole number ``m`` of old bins (``lo' = lo − m·w``), so every old bin lies inside
 exactly one new bin (old bin ``i`` → new bin ``(i + m) // k``). Counts are summed, never split:
@@ -61,6 +69,7 @@ __all__ = [
 ]
 
 import math
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -68,8 +77,21 @@ import numpy as np
 from onnxq.errors import ConfigError
 from onnxq.quant.qparams import fake_quantize, qrange
 
-#: elements binned per step (bounds the temporary float64 copy of a large activation)
-_CHUNK = 1 << 20
+#: elements per step: a chunk, its float32 bin positions and its integer bin indices stay in
+#: cache between the passes over it (the chunk is read from memory once)
+_CHUNK = 1 << 17
+
+
+class _Scratch(threading.local):
+    """Per-thread work buffers of :data:`_CHUNK` elements."""
+
+    def __init__(self) -> None:
+        self.position = np.empty(_CHUNK, np.float32)
+        self.index = np.empty(_CHUNK, np.intp)
+        self.is_zero = np.empty(_CHUNK, np.bool_)
+
+
+_SCRATCH = _Scratch()
 
 
 class Observer:
@@ -78,6 +100,14 @@ class Observer:
     ``axis``: also keep the min / max of every slice along this axis (``channel_min``,
     ``channel_max``). Memory is ``bins`` int64 counts plus two arrays per channel, whatever the
     number of batches.
+
+    **Cost.** A batch is read from memory once, in cache-sized chunks; per chunk: min / max, then
+    (histogram) float32 bin positions ``(x − lo)·(1/w)``, truncation to integer indices,
+    ``np.bincount``, and a count of exact zeros. The histogram is re-binned (an exact merge of its
+    ``bins`` counts) only when a chunk falls outside its range, which then grows by an integer
+    factor; the first batch sets the range from its own min / max. Counts, min, max and the
+    number of zeros are exact; a value within about 1e-4 bin widths of an edge may land in either
+    neighbouring bin (float32 positions).
     """
 
     def __init__(
@@ -86,7 +116,7 @@ class Observer:
         if bins < 16:
             raise ValueError(f"an observer needs at least 16 bins, got {bins}")
         self.name = name
-        #: False keeps only min / max (enough for the minmax method, and 3x cheaper)
+        #: False keeps only min / max (enough for the minmax method, and much cheaper)
         self.histogram = histogram
         self.bins = int(bins)
         self.axis = axis
@@ -104,46 +134,103 @@ class Observer:
 
     # -- accumulation ---------------------------------------------------------------------------
     def update(self, x: np.ndarray) -> None:
+        """Add one batch (any shape; NaN / ±Inf values are counted and left out)."""
         x = np.asarray(x)
         if x.dtype.kind not in "fiu":
             raise TypeError(f"{self._label()}: cannot observe values of dtype {x.dtype}")
+        if self.axis is not None:
+            self._channel_axis(x)  # validate before any state changes
         self.batches += 1
         if x.size == 0:
             return
-        mn, mx = x.min(), x.max()
-        finite = None
-        if not (np.isfinite(mn) and np.isfinite(mx)):
-            finite = np.isfinite(x)
-            self.nonfinite += int(x.size - np.count_nonzero(finite))
-        if self.axis is not None:
-            self._update_channels(x, finite)
-        if finite is not None:
-            x = x[finite]
-            if x.size == 0:
-                return
-            mn, mx = x.min(), x.max()
-        mn, mx = float(mn), float(mx)
-        if not self.histogram:
-            self.min, self.max = min(self.min, mn), max(self.max, mx)
-            self.count += int(x.size)
-            return
-        self._grow(mn, mx)
-        self.min = min(self.min, mn)
-        self.max = max(self.max, mx)
-        self.count += int(x.size)
-        self.zeros += int(x.size - np.count_nonzero(x))
-        if self.width == 0.0:  # every value so far equals lo
-            self.hist[0] += x.size
-            return
         flat = x.reshape(-1)
-        inv = 1.0 / self.width
+        if self.histogram and self.count == 0:
+            mn, mx = flat.min(), flat.max()
+            if math.isfinite(mn) and math.isfinite(mx):
+                self._grow(float(mn), float(mx))  # the first batch's range, not its first chunk's
+        nonfinite = 0
+        counts = np.zeros(self.bins + 2, np.int64) if self.histogram else None
         for start in range(0, flat.size, _CHUNK):
-            part = flat[start : start + _CHUNK].astype(np.float64)
-            idx = np.floor((part - self.lo) * inv)
-            np.clip(idx, 0, self.bins - 1, out=idx)
-            self.hist += np.bincount(idx.astype(np.intp), minlength=self.bins)
+            nonfinite += self._chunk(flat[start : start + _CHUNK], counts)
+        if counts is not None:
+            self._flush(counts)
+        if self.axis is not None:
+            self._update_channels(x, np.isfinite(x) if nonfinite else None)
+        self.nonfinite += nonfinite
 
-    def _update_channels(self, x: np.ndarray, finite: np.ndarray | None) -> None:
+    def update_extremes(self, mn: float, mx: float, count: int) -> None:
+        """Add a batch known only by its finite min, max and size (a ``histogram=False``
+        observer without ``axis``: all the minmax method needs; the extremes may come from
+        reductions inside the onnxruntime graph)."""
+        if self.histogram or self.axis is not None:
+            raise ValueError(f"{self._label()}: a histogram or per-channel observer needs values")
+        self.batches += 1
+        if count == 0:
+            return
+        mn, mx = float(mn), float(mx)
+        if not (math.isfinite(mn) and math.isfinite(mx)):
+            raise ValueError(f"{self._label()}: non-finite extremes; observe the values instead")
+        self.count += int(count)
+        self.min, self.max = min(self.min, mn), max(self.max, mx)
+
+    def _chunk(self, part: np.ndarray, counts: np.ndarray | None) -> int:
+        """Add one chunk; returns how many of its values were NaN / ±Inf (left out)."""
+        mn, mx = part.min(), part.max()
+        nonfinite = 0
+        if not (math.isfinite(mn) and math.isfinite(mx)):
+            finite = np.isfinite(part)
+            kept = int(np.count_nonzero(finite))
+            nonfinite = part.size - kept
+            if kept == 0:
+                return nonfinite
+            part = part[finite]
+            mn, mx = part.min(), part.max()
+        mn, mx = float(mn), float(mx)
+        if counts is not None:
+            if self.width == 0.0 or mn < self.lo or mx > self.lo + self.width * self.bins:
+                self._flush(counts)  # pending counts are on the current edges
+                self._grow(mn, mx)
+            if self.width == 0.0:  # every value so far equals lo
+                self.hist[0] += part.size
+                self.zeros += part.size if mn == 0.0 else 0
+            else:
+                self._bin(part, counts, count_zeros=mn <= 0.0 <= mx)
+        self.count += part.size
+        self.min, self.max = min(self.min, mn), max(self.max, mx)
+        return nonfinite
+
+    def _bin(self, part: np.ndarray, counts: np.ndarray, count_zeros: bool) -> None:
+        """Add the bin counts of ``part`` (inside the current range) to ``counts`` (``bins + 2``
+        long: float32 rounding may put a value at the top edge one or two bins further)."""
+        scratch = _SCRATCH
+        n = part.size
+        # float32 left edge at or below the float64 one, so no position is below -1
+        lo32 = np.float32(self.lo)
+        if float(lo32) > self.lo:
+            lo32 = np.nextafter(lo32, np.float32(-np.inf))
+        pos = scratch.position[:n]
+        idx = scratch.index[:n]
+        np.subtract(part, lo32, out=pos, casting="same_kind")
+        np.multiply(pos, np.float32(1.0 / self.width), out=pos)
+        np.copyto(idx, pos, casting="unsafe")  # truncation = floor for positions > -1
+        bins = self.bins
+        chunk = np.bincount(idx, minlength=bins + 2)
+        if chunk.size > bins + 2:
+            chunk[bins + 1] += chunk[bins + 2 :].sum()
+        counts += chunk[: bins + 2]
+        if count_zeros:
+            is_zero = scratch.is_zero[:n]
+            np.equal(part, 0, out=is_zero)
+            self.zeros += int(np.count_nonzero(is_zero))
+
+    def _flush(self, counts: np.ndarray) -> None:
+        """Move pending chunk counts into the histogram (the top overflow into the last bin)."""
+        bins = self.bins
+        counts[bins - 1] += counts[bins] + counts[bins + 1]
+        self.hist += counts[:bins]
+        counts[:] = 0
+
+    def _channel_axis(self, x: np.ndarray) -> int:
         if x.ndim == 0:
             raise ValueError(f"{self._label()}: per-channel axis {self.axis} given for a scalar")
         axis = self.axis + x.ndim if self.axis < 0 else self.axis
@@ -151,6 +238,15 @@ class Observer:
             raise ValueError(
                 f"{self._label()}: per-channel axis {self.axis} is out of range for rank {x.ndim}"
             )
+        if self.channel_min is not None and x.shape[axis] != self.channel_min.size:
+            raise ValueError(
+                f"{self._label()}: {x.shape[axis]} channels along axis {self.axis}, "
+                f"earlier batches had {self.channel_min.size}"
+            )
+        return axis
+
+    def _update_channels(self, x: np.ndarray, finite: np.ndarray | None) -> None:
+        axis = self._channel_axis(x)
         others = tuple(i for i in range(x.ndim) if i != axis)
         if finite is None:
             cmin, cmax = x.min(axis=others), x.max(axis=others)

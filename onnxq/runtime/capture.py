@@ -1,13 +1,18 @@
 """Activation statistics: one onnxruntime session, every needed intermediate exposed, batches streamed.
 
 :func:`collect_statistics` clones the model (the clone shares the weights, nothing is copied),
-makes the requested values the clone's graph outputs, and builds **one** session with graph
-optimizations disabled so that every exposed value is exactly the value of the graph node that
-produces it (fusions would remove or change intermediates). Batches from
-:func:`onnxq.runtime.data.as_batches` run one at a time; each output updates its
-:class:`~onnxq.quant.observers.Observer` (running min / max, fixed-size histogram) and is dropped
-before the next batch, so memory stays at one batch of activations plus ``bins`` counts per
-tensor whatever the number of samples. Requested model inputs are observed straight from the feeds.
+makes the requested values the clone's graph outputs, and builds **one** onnxruntime session
+(optimizations on: graph outputs are never fused away, so every exposed value is the value of the
+graph node that produces it). Batches from :func:`onnxq.runtime.data.as_batches` run one at a
+time; each output updates its :class:`~onnxq.quant.observers.Observer` (running min / max,
+fixed-size histogram) before the next batch runs, so memory stays at one batch of activations
+plus ``bins`` counts per tensor whatever the number of samples. Requested model inputs are
+observed straight from the feeds.
+
+**Cost.** While the input shapes stay the same, the outputs are written into the same buffers
+batch after batch (an onnxruntime I/O binding to the arrays of the first batch): no new
+allocation, no page faults on hundreds of MB per batch. The session's worker threads do not spin
+between runs (``session.intra_op.allow_spinning = 0``), so they leave the cores to the observers.
 
 Values must be top-level graph inputs or node outputs of float type (float32, float16, float64).
 Values without a type get one from ONNX shape inference on the clone; a value whose type stays
@@ -19,7 +24,9 @@ from __future__ import annotations
 __all__ = ["collect_statistics"]
 
 import logging
+import os
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -27,10 +34,9 @@ import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
 from onnxq.errors import ConfigError
-from onnxq.io import load
+from onnxq.io import PROTOBUF_LIMIT_BYTES, internalized, load, weight_bytes
 from onnxq.quant.observers import Observer
 from onnxq.runtime.data import as_batches, input_specs
-from onnxq.runtime.session import create_session
 
 logger = logging.getLogger(__name__)
 
@@ -81,15 +87,18 @@ def collect_statistics(
     bins: int = 2048,
     histogram: bool = True,
     progress: Callable[[int], Any] | None = None,
+    threads: int | None = None,
 ) -> dict[str, Observer]:
     """Observe ``tensor_names`` over every batch of ``data``; returns ``{name: Observer}``.
 
     ``data``: anything :func:`~onnxq.runtime.data.as_batches` accepts. ``per_channel_axes``:
     ``{name: axis}`` for tensors that also need per-channel min / max. ``progress``: called as
     ``progress(1)`` after each batch (``tqdm(...).update`` fits). ``histogram=False`` keeps only
-    min / max (all the minmax method needs). ``model`` is left unchanged. The session runs with
-    onnxruntime's optimizations on: the observed tensors are graph outputs of the copy, which
-    onnxruntime never fuses away, so their values are the graph's (2x faster than unoptimized).
+    min / max (all the minmax method needs). ``threads``: how many threads update observers
+    (default: up to 4, one per core; numpy releases the GIL). ``model`` is left unchanged. The
+    session runs with onnxruntime's optimizations on: the observed tensors are graph outputs of
+    the copy, which onnxruntime never fuses away, so their values are the graph's (2x faster
+    than unoptimized).
     Raises :class:`ConfigError` for unknown or non-float tensors, bad data, or a batch that
     onnxruntime refuses.
     """
@@ -111,39 +120,23 @@ def collect_statistics(
         n: Observer(n, bins=bins, axis=axes.get(n), histogram=histogram) for n in names
     }
 
-    session = None
-    out_names = [v.name for v in from_nodes]
-    if from_nodes:
-        work.graph.outputs.clear()
-        work.graph.outputs.extend(from_nodes)
-        session = create_session(work, optimize=True)
+    # min / max only: reduced inside the graph (no tensor leaves onnxruntime); float16 tensors
+    # and those that need a histogram or per-channel extremes are exposed whole
+    reduced = [
+        v.name for v in from_nodes
+        if not histogram and v.name not in axes and v.dtype in _REDUCIBLE
+    ]
+    graph = _CalibrationGraph(work, [v.name for v in from_nodes], reduced)
     del work
     input_names = [v.name for v in from_inputs]
 
-    batches = 0
-    for index, feeds in enumerate(as_batches(data, input_specs(model))):
-        for name in input_names:
-            if name in feeds:
-                _observe(observers[name], feeds[name])
-        if session is not None:
-            try:
-                outputs = session.run(out_names, feeds)
-            except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument types
-                raise ConfigError(
-                    f"calibration batch {index}: onnxruntime could not run the model "
-                    f"({_first_line(exc)})"
-                ) from exc
-            for name, array in zip(out_names, outputs):
-                if batches == 0 and array.dtype.kind != "f":
-                    raise ConfigError(
-                        f"tensor '{name}' is {array.dtype}: only float tensors can be calibrated"
-                    )
-                _observe(observers[name], array)
-            del outputs
-        del feeds
-        batches += 1
-        if progress is not None:
-            progress(1)
+    workers = _workers(threads, len(from_nodes))
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="onnxq-observe") if workers > 1 else None
+    try:
+        batches = _stream(data, model, observers, input_names, graph, pool, progress)
+    finally:
+        if pool is not None:
+            pool.shutdown()
 
     for obs in observers.values():
         if obs.nonfinite:
@@ -154,6 +147,238 @@ def collect_statistics(
             )
     logger.info("calibration: %d tensors observed over %d batches", len(observers), batches)
     return observers
+
+
+def _stream(
+    data: Any,
+    model: ir.Model,
+    observers: dict[str, Observer],
+    input_names: list[str],
+    graph: _CalibrationGraph,
+    pool: ThreadPoolExecutor | None,
+    progress: Callable[[int], Any] | None,
+) -> int:
+    """Run every batch and update the observers; returns the number of batches."""
+    batches = 0
+    for index, feeds in enumerate(as_batches(data, input_specs(model))):
+        for name in input_names:
+            if name in feeds:
+                _observe(observers[name], feeds[name])
+        if graph.names:
+            outputs = graph.run(feeds, index)
+            _observe_outputs(graph, outputs, observers, pool, check_types=batches == 0)
+            retry = graph.unreduce(outputs)  # NaN / ±Inf met inside the graph: see them all
+            del outputs
+            if retry:
+                outputs = graph.run(feeds, index)
+                only = {n: observers[n] for n in retry}
+                _observe_outputs(graph, outputs, only, pool, check_types=False, reduced=False)
+                del outputs
+        del feeds
+        batches += 1
+        if progress is not None:
+            progress(1)
+    return batches
+
+
+def _observe_outputs(
+    graph: _CalibrationGraph,
+    outputs: list[np.ndarray],
+    observers: Mapping[str, Observer],
+    pool: ThreadPoolExecutor | None,
+    check_types: bool,
+    reduced: bool = True,
+) -> None:
+    arrays = graph.tensors(outputs)
+    if check_types:
+        for name, array in arrays.items():
+            if array.dtype.kind != "f":
+                raise ConfigError(
+                    f"tensor '{name}' is {array.dtype}: only float tensors can be calibrated"
+                )
+    if reduced:
+        for name, (mn, mx, total, count) in graph.extremes(outputs).items():
+            if name in observers and (count == 0 or np.isfinite([mn, mx, total]).all()):
+                observers[name].update_extremes(mn, mx, count)
+    pairs = sorted(((n, a) for n, a in arrays.items() if n in observers),
+                   key=lambda p: -p[1].size)  # big ones first
+    if pool is None:
+        for name, array in pairs:
+            _observe(observers[name], array)
+    else:  # numpy releases the GIL in every step of Observer.update
+        for _ in pool.map(lambda p: _observe(observers[p[0]], p[1]), pairs):
+            pass
+
+
+def _workers(threads: int | None, tensors: int) -> int:
+    """Threads that update observers (each observer is updated by one thread at a time)."""
+    if threads is None:
+        threads = min(4, os.cpu_count() or 1)
+    return max(1, min(int(threads), tensors))
+
+
+def _calibration_session(model: ir.Model) -> Any:
+    """An onnxruntime session with all graph optimizations whose worker threads do not spin."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    providers = ["CPUExecutionProvider"]
+    if weight_bytes(model) <= PROTOBUF_LIMIT_BYTES:
+        with internalized(model):
+            data = ir.to_proto(model).SerializeToString()
+        return ort.InferenceSession(data, options, providers=providers)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="onnxq-calib-") as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        ir.save(model, path, external_data="model.onnx.data")
+        return ort.InferenceSession(path, options, providers=providers)
+
+
+_REDUCIBLE = (ir.DataType.FLOAT, ir.DataType.DOUBLE)
+#: the reductions of a min / max-only tensor: (op, suffix); the sum turns NaN / ±Inf (which
+#: onnxruntime's ReduceMin / ReduceMax may skip or return) into a non-finite value
+_REDUCTIONS = (("ReduceMin", "min"), ("ReduceMax", "max"), ("ReduceSum", "sum"))
+
+
+class _CalibrationGraph:
+    """The model with the requested tensors as outputs: whole (``names`` not in ``reduced``), or
+    as their min, max, sum and size computed inside the graph (``reduced``), so that only four
+    scalars leave onnxruntime. A reduced tensor found to hold NaN / ±Inf is exposed whole from
+    then on (:meth:`unreduce`), so that the observer can leave those values out."""
+
+    def __init__(self, work: ir.Model, names: list[str], reduced: list[str]) -> None:
+        self.work = work
+        self.names = names
+        self.reduced = set(reduced)
+        self.runner: _Runner | None = None
+        self._build()
+
+    def _build(self) -> None:
+        if not self.names:
+            return
+        model = self.work.clone()
+        produced = {v.name: v for node in model.graph for v in node.outputs if v.name}
+        outputs: list[ir.Value] = []
+        self.layout: list[tuple[str, str]] = []  # (tensor name, "value" | reduction suffix)
+        for name in self.names:
+            value = produced[name]
+            if name not in self.reduced:
+                outputs.append(value)
+                self.layout.append((name, "value"))
+                continue
+            nodes = [ir.node(op, [value], attributes={"keepdims": 0}) for op, _ in _REDUCTIONS]
+            nodes.append(ir.node("Size", [value]))
+            for node, suffix in zip(nodes, [s for _, s in _REDUCTIONS] + ["size"]):
+                out = node.outputs[0]
+                out.name = f"{name}__onnxq_{suffix}"
+                out.dtype = ir.DataType.INT64 if suffix == "size" else value.dtype
+                out.shape = ir.Shape([])
+                outputs.append(out)
+                self.layout.append((name, suffix))
+            model.graph.insert_after(value.producer(), nodes)
+        model.graph.outputs.clear()
+        model.graph.outputs.extend(outputs)
+        self.runner = _Runner(_calibration_session(model), [o.name for o in outputs])
+
+    def run(self, feeds: Mapping[str, np.ndarray], index: int) -> list[np.ndarray]:
+        try:
+            return self.runner.run(feeds)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument types
+            raise ConfigError(
+                f"calibration batch {index}: onnxruntime could not run the model "
+                f"({_first_line(exc)})"
+            ) from exc
+
+    def tensors(self, outputs: list[np.ndarray]) -> dict[str, np.ndarray]:
+        return {name: a for (name, kind), a in zip(self.layout, outputs) if kind == "value"}
+
+    def extremes(self, outputs: list[np.ndarray]) -> dict[str, tuple[float, float, float, int]]:
+        parts: dict[str, dict[str, Any]] = {}
+        for (name, kind), a in zip(self.layout, outputs):
+            if kind != "value":
+                parts.setdefault(name, {})[kind] = a
+        return {
+            name: (float(p["min"]), float(p["max"]), float(p["sum"]), int(p["size"]))
+            for name, p in parts.items()
+        }
+
+    def unreduce(self, outputs: list[np.ndarray]) -> list[str]:
+        """Expose whole, from now on, the reduced tensors whose reductions are not finite;
+        returns their names (this batch must be run again for them)."""
+        bad = [
+            name for name, (mn, mx, total, count) in self.extremes(outputs).items()
+            if count and not np.isfinite([mn, mx, total]).all()
+        ]
+        if bad:
+            logger.info("calibration: %d tensor(s) hold NaN/Inf; observing them whole", len(bad))
+            self.reduced -= set(bad)
+            self._build()
+        return bad
+
+
+class _Runner:
+    """Runs the calibration session; outputs go to the same arrays while input shapes repeat.
+
+    The arrays returned by one :meth:`run` are overwritten by the next: observe them first.
+    """
+
+    def __init__(self, session: Any, out_names: list[str]) -> None:
+        self.session = session
+        self.out_names = out_names
+        self.binding: Any = None
+        self.key: tuple | None = None
+        self.buffers: list[np.ndarray] = []
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        key = tuple((k, v.shape, v.dtype.str) for k, v in sorted(feeds.items()))
+        if self.binding is not None and key == self.key:
+            for name, array in feeds.items():
+                self.binding.bind_cpu_input(name, np.ascontiguousarray(array))
+            try:
+                self.session.run_with_iobinding(self.binding, self._quiet())
+                return self.buffers
+            except Exception:  # noqa: BLE001 - e.g. an output whose shape depends on the data
+                logger.debug("calibration: output binding failed; plain runs from now on")
+                self.binding, self.key = None, None
+                return self.session.run(self.out_names, dict(feeds))
+        outputs = self.session.run(self.out_names, dict(feeds))
+        self._bind(key, outputs)
+        return outputs
+
+    @staticmethod
+    def _quiet() -> Any:
+        """Run options that keep a refused binding (data-dependent shapes) out of the log."""
+        import onnxruntime as ort
+
+        options = ort.RunOptions()
+        options.log_severity_level = 4
+        return options
+
+    def _bind(self, key: tuple, outputs: list[np.ndarray]) -> None:
+        """Bind the outputs of the next runs with the same input shapes to these arrays."""
+        self.binding, self.key = None, None
+        if any(array.size == 0 for array in outputs):
+            return  # nothing to reuse; plain runs
+        buffers, seen = [], set()
+        for array in outputs:
+            if (
+                not array.flags.c_contiguous
+                or not array.flags.writeable
+                or array.ctypes.data in seen
+                or array.dtype.kind != "f"
+            ):
+                array = np.empty_like(array, order="C")  # our own buffer (aliased or read-only)
+            seen.add(array.ctypes.data)
+            buffers.append(array)
+        binding = self.session.io_binding()
+        for name, array in zip(self.out_names, buffers):
+            binding.bind_output(
+                name, "cpu", 0, array.dtype.type, list(array.shape), array.ctypes.data
+            )
+        self.binding, self.key, self.buffers = binding, key, buffers
 
 
 def _observe(obs: Observer, array: np.ndarray) -> None:

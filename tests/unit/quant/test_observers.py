@@ -195,3 +195,64 @@ def test_weight_range_mse_per_channel_lowers_error(symmetric):
             assert _fq_mse(w[c], lo[c], hi[c], 4) <= _fq_mse(w[c], lo_m[c], hi_m[c], 4) * 1.0001
     with pytest.raises(ConfigError, match="weight range method"):
         weight_range(w, method="entropy")
+
+
+def _reference_histogram(obs: Observer, data: np.ndarray) -> np.ndarray:
+    """float64 histogram of ``data`` on the observer's final edges."""
+    ref, _ = np.histogram(data.astype(np.float64), bins=obs.edges)
+    return ref
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
+def test_float32_histogram_equals_a_float64_reference_within_tolerance(dtype):
+    """The float32 one-pass binning (chunks, growth between chunks) against np.histogram in float64
+    on the same edges: every count is kept, a value moves at most to the neighbouring bin, and
+    only values within ~1e-4 bin widths of an edge may move at all."""
+    import onnxq.quant.observers as observers
+
+    rng = np.random.default_rng(11)
+    batches = [
+        (rng.standard_normal(300_001) * s + o).astype(dtype)
+        for s, o in [(0.2, 0), (1, 0.5), (2, -1), (0.5, 30), (8, 0)]
+    ]
+    batches.append(np.maximum(batches[1], 0))  # many exact zeros
+    obs = _fed(*batches)
+    data = np.concatenate([b.astype(np.float64) for b in batches])
+    ref = _reference_histogram(obs, data)
+    assert obs.hist.sum() == ref.sum() == obs.count == data.size
+    assert obs.zeros == int(np.count_nonzero(data == 0))
+    assert (obs.min, obs.max) == (float(data.min()), float(data.max()))
+    # values move by one bin at most: then the cumulative counts differ only by the few values
+    # that sit next to each edge, never by a whole bin's worth
+    cum_diff = np.abs(np.cumsum(ref) - np.cumsum(obs.hist))
+    assert cum_diff.max() <= max(4, 2e-4 * data.size)
+    assert np.abs(ref - obs.hist).sum() <= 1e-3 * data.size
+    # more values than one chunk went through several chunks
+    assert batches[0].size > observers._CHUNK
+
+
+def test_histogram_growth_between_chunks_of_one_batch_is_exact():
+    """A batch whose later chunks widen the range: counts are merged before each growth."""
+    import onnxq.quant.observers as observers
+
+    n = observers._CHUNK
+    x = np.concatenate([np.linspace(0, 1, n), np.linspace(-5, 40, n), np.linspace(0, 2, n)])
+    obs = Observer("t")
+    obs.update(np.full(10, 0.5, np.float32))  # a first batch with a narrow (zero-width) range
+    obs.update(x.astype(np.float32))
+    data = np.concatenate([np.full(10, 0.5), x.astype(np.float32).astype(np.float64)])
+    ref = _reference_histogram(obs, data)
+    assert obs.hist.sum() == data.size
+    assert np.abs(ref - obs.hist).sum() <= 1e-3 * data.size
+    assert obs.edges[0] <= -5 and obs.edges[-1] >= 40
+
+
+def test_nonfinite_values_inside_a_large_batch():
+    x = np.random.default_rng(12).standard_normal(300_000).astype(np.float32)
+    x[[5, 200_000]] = np.nan
+    x[150_000] = -np.inf
+    obs = _fed(x, axis=0)
+    finite = x[np.isfinite(x)].astype(np.float64)
+    assert obs.nonfinite == 3 and obs.count == finite.size == obs.hist.sum()
+    assert (obs.min, obs.max) == (float(finite.min()), float(finite.max()))
+    assert np.abs(_reference_histogram(obs, finite) - obs.hist).sum() <= 1e-3 * finite.size

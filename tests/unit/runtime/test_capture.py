@@ -113,3 +113,84 @@ g (float[N,4] a, float[N,4] b) => (float[N,4] y) { y = Add(a, b) }""")
     bad = {"a": np.ones((2, 4), np.float32), "b": np.ones((3, 4), np.float32)}
     with pytest.raises(ConfigError, match=r"calibration batch 1: onnxruntime could not run"):
         collect_statistics(model, ["y"], [good, bad])
+
+
+def test_outputs_written_into_reused_buffers_stay_exact_across_shapes():
+    """Batches of one shape reuse the first batch's output arrays (an I/O binding); a new batch
+    size rebinds; an output whose shape depends on the data falls back to plain runs."""
+    model = model_from_text("""<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,3,4] x) => (float[N,3,4] y) {
+  y = Relu(x)
+  pos = Less(x, y)
+  idx = NonZero(pos)
+  at = Transpose<perm=[1,0]>(idx)
+  neg = GatherND(x, at)
+}""")
+    rng = np.random.default_rng(5)
+    batches = [{"x": rng.standard_normal((n, 3, 4)).astype(np.float32)} for n in (2, 2, 2, 3, 3, 2)]
+    stats = collect_statistics(model, ["y", "neg"], iter(batches))
+    xs = [b["x"] for b in batches]
+    relu = np.concatenate([np.maximum(x, 0).ravel() for x in xs])
+    negative = np.concatenate([x[x < 0] for x in xs])
+    for name, ref in (("y", relu), ("neg", negative)):
+        obs = stats[name]
+        assert (obs.min, obs.max, obs.count, obs.batches) == (
+            float(ref.min()), float(ref.max()), ref.size, len(batches))
+        hist, _ = np.histogram(ref.astype(np.float64), bins=obs.edges)
+        assert np.abs(hist - obs.hist).sum() <= 2
+    assert stats["y"].zeros == int((relu == 0).sum())
+
+
+def test_observer_threads_do_not_change_the_statistics():
+    model = model_from_text(CONV_RELU)
+    one = collect_statistics(model, ["x", "c", "y"], _batches(), threads=1)
+    many = collect_statistics(model, ["x", "c", "y"], _batches(), threads=3)
+    for name in one:
+        a, b = one[name], many[name]
+        fields = ("min", "max", "count", "zeros", "lo", "width")
+        assert [getattr(a, f) for f in fields] == [getattr(b, f) for f in fields]
+        np.testing.assert_array_equal(a.hist, b.hist)
+
+
+def test_min_max_only_tensors_are_reduced_inside_the_graph():
+    """histogram=False: the extremes come from ReduceMin / ReduceMax in the session (four scalars
+    per tensor leave onnxruntime, not the tensor) and equal the hand run's."""
+    import onnxq.runtime.capture as capture
+
+    model = model_from_text(CONV_RELU)
+    batches = _batches()
+    built = []
+    original = capture._CalibrationGraph._build
+
+    def spy(self):
+        original(self)
+        built.append(list(self.layout))
+
+    capture._CalibrationGraph._build = spy
+    try:
+        stats = collect_statistics(model, ["x", "c", "y"], iter(batches), histogram=False)
+    finally:
+        capture._CalibrationGraph._build = original
+    assert all(kind != "value" for _, kind in built[0])  # nothing exposed whole
+    for name in ("c", "y"):
+        ref = _by_hand(model, name, batches)
+        obs = stats[name]
+        assert (obs.min, obs.max, obs.count, obs.batches) == (
+            float(ref.min()), float(ref.max()), ref.size, 4)
+
+
+def test_nan_and_inf_inside_the_graph_are_left_out_with_min_max_only():
+    """Log of negative values is NaN, of 0 is -inf: the reductions see them, the tensor is then
+    observed whole (from that batch on) and the observer leaves them out."""
+    model = model_from_text("""<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,6] x) => (float[N,6] y) { y = Log(x) }""")
+    good = np.array([[1, 2, 3, 4, 5, 6]], np.float32)
+    bad = np.array([[0, -1, 2, 3, 0.5, 8]], np.float32)
+    stats = collect_statistics(model, ["y"], [good, bad, good], histogram=False)
+    obs = stats["y"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        values = np.log(np.concatenate([good, bad, good]).astype(np.float64)).ravel()
+    finite = values[np.isfinite(values)]
+    assert obs.nonfinite == 2 and obs.count == finite.size and obs.batches == 3
+    assert obs.min == pytest.approx(finite.min(), rel=1e-6)
+    assert obs.max == pytest.approx(finite.max(), rel=1e-6)
