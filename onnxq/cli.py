@@ -10,10 +10,12 @@ from __future__ import annotations
 __all__ = ["main"]
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from onnxq import __version__
 from onnxq.errors import OnnxqError
@@ -68,8 +70,49 @@ def _parser() -> argparse.ArgumentParser:
     qua.add_argument("--range", dest="range_method",
                      choices=("minmax", "percentile", "mse", "sqnr", "entropy"),
                      help="activation range method")
-    qua.add_argument("--passes", default="fold-bn", help="float passes first (e.g. dfq); default fold-bn")
+    qua.add_argument("--passes", default="fold-bn",
+                     help="float passes first (e.g. dfq; default fold-bn); may also list the data "
+                     "steps seq-mse, adaround, bias-correction with options, e.g. "
+                     "'dfq,adaround:iterations=2000'")
+    qua.add_argument("--seq-mse", action="store_true",
+                     help="choose weight ranges by sequential MSE (per layer, on calibration data)")
+    qua.add_argument("--adaround", action="store_true",
+                     help="learn each weight's rounding (AdaRound, layer by layer on calibration data)")
+    qua.add_argument("--adaround-iterations", type=int, metavar="N",
+                     help="AdaRound iterations per layer (default 1000)")
+    qua.add_argument("--bias-correction", choices=("empirical", "analytic", "hybrid"),
+                     help="correct the output mean shift of quantized weights")
     qua.add_argument("-o", "--output", required=True, help="output folder")
+
+    ana = sub.add_parser("analyze", help="diagnose a quantization, try fixes, write an HTML report and a plan")
+    ana.add_argument("model", help="input float .onnx file")
+    ana.add_argument("--calib", required=True,
+                     help="calibration data: a folder of .npy/.npz, or of images (with --preprocess)")
+    ana.add_argument("--preprocess", help="image preprocessing (as for quantize)")
+    ana.add_argument("--limit", type=int, help="use at most this many images")
+    ana.add_argument("--eval", dest="evaluate", metavar="MODULE:FUNCTION",
+                     help="accuracy: a function taking an onnxruntime session and returning a number "
+                     "or a dict (default: agreement with FP32 on held-out samples)")
+    ana.add_argument("--metric", help="the key to use when --eval returns a dict")
+    ana.add_argument("--lower-is-better", action="store_true", help="the metric is an error rate")
+    ana.add_argument("--eval-data", help="held-out samples for the proxy (.npy/.npz folder); "
+                     "default: the last fifth of the calibration batches")
+    ana.add_argument("--target-drop", type=float, default=0.01,
+                     help="allowed drop from FP32 in metric units (default 0.01 = 1 point)")
+    ana.add_argument("--target", type=float, help="an absolute target for the metric instead")
+    ana.add_argument("--config", default="default", help="starting config: preset or JSON file")
+    ana.add_argument("--per-channel", action="store_true", help="per-channel weights")
+    ana.add_argument("--w-bits", type=int, choices=(4, 8, 16))
+    ana.add_argument("--a-bits", type=int, choices=(8, 16))
+    ana.add_argument("--range", dest="range_method",
+                     choices=("minmax", "percentile", "mse", "sqnr", "entropy"))
+    ana.add_argument("--passes", default="fold-bn", help="float passes first; default fold-bn")
+    ana.add_argument("--fixes", help="fixes to try, comma-separated (default: per-channel,cle,range,"
+                     "adaround,bias-correction,bits,float; 'none' to only diagnose)")
+    ana.add_argument("--workers", type=int, default=0, help="worker processes (default: up to 2)")
+    ana.add_argument("--no-cache", action="store_true", help="do not reuse earlier evaluations")
+    ana.add_argument("--no-plots", action="store_true", help="a report without plots (faster)")
+    ana.add_argument("-o", "--output", required=True, help="output folder (report, plan.json)")
 
     demo = sub.add_parser("demo", help="optimize the bundled Fashion-MNIST model and compare accuracies")
     demo.add_argument("-o", "--output", default="onnxq-demo", help="folder for the written model")
@@ -197,6 +240,43 @@ def _progress(total: int | None, what: str):
     return bar.update, bar.close
 
 
+@contextlib.contextmanager
+def _layer_progress():
+    """A progress bar per data-driven step, fed by the algorithms' per-layer log records."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        yield
+        return
+    bars: dict[str, Any] = {}
+
+    class _Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            args = record.args if isinstance(record.args, tuple) else ()
+            if record.msg.startswith("%s: layer %d/%d") and len(args) >= 3:
+                what, i, n = args[0], args[1], args[2]
+                bar = bars.get(what)
+                if bar is None:
+                    bar = bars[what] = tqdm(total=n, desc=what, unit="layer", leave=False)
+                bar.update(i - bar.n)
+
+    handler = _Handler(logging.INFO)
+    logger = logging.getLogger("onnxq.algorithms")
+    old_level = logger.level
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+        logger.propagate = True
+        for bar in bars.values():
+            bar.close()
+
+
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -204,9 +284,19 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
     config = _quant_config(args)
     data = _calibration_data(args)
+    steps: dict = {}
+    if args.seq_mse:
+        steps["seq_mse"] = True
+    if args.adaround or args.adaround_iterations:
+        steps["adaround"] = ({"iterations": args.adaround_iterations}
+                             if args.adaround_iterations else True)
+    if args.bias_correction:
+        steps["bias_correction"] = {"mode": args.bias_correction}
     update, close = _progress(len(data) if hasattr(data, "__len__") else None, "calibrating")
     try:
-        sim = onnxq.quantize(args.model, data, config=config, passes=args.passes, progress=update)
+        with _layer_progress() if steps else contextlib.nullcontext():
+            sim = onnxq.quantize(args.model, data, config=config, passes=args.passes,
+                                 progress=update, **steps)
     finally:
         close()
     paths = sim.export(args.output, Path(args.model).stem)
@@ -217,6 +307,48 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
           f"activations {config.activations.bits}-bit {config.activations.range_method})")
     for kind, path in paths.items():
         print(f"  {kind:<9} {path}")
+    return 0
+
+
+class _Bar:
+    """A tqdm bar per analysis stage (none when tqdm is missing)."""
+
+    def __init__(self, stage: str, total: int | None) -> None:
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            self.bar = None
+            return
+        self.bar = tqdm(total=total, desc=stage, leave=False)
+
+    def update(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from onnxq.analysis import AnalysisConfig, analyze
+    from onnxq.analysis.analyzer import DEFAULT_FIXES
+
+    fixes = DEFAULT_FIXES if not args.fixes else tuple(
+        f.strip() for f in args.fixes.split(",") if f.strip() and f.strip() != "none")
+    options = AnalysisConfig(
+        target_drop=args.target_drop, target_value=args.target, metric=args.metric,
+        higher_is_better=not args.lower_is_better, fixes=fixes, workers=args.workers,
+        cache=not args.no_cache, plots=0 if args.no_plots else AnalysisConfig.plots,
+    )
+    result = analyze(
+        args.model, _calibration_data(args), args.evaluate, config=_quant_config(args),
+        passes=args.passes, eval_data=args.eval_data, options=options, output_dir=args.output,
+        progress=_Bar,
+    )
+    print(result.summary())
+    for kind, path in result.paths.items():
+        print(f"  {kind:<6} {path}")
     return 0
 
 
@@ -232,6 +364,7 @@ COMMANDS = {
     "inspect": _cmd_inspect,
     "quantize": _cmd_quantize,
     "demo": _cmd_demo,
+    "analyze": _cmd_analyze,
 }
 
 

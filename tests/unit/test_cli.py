@@ -111,6 +111,26 @@ def test_quantize_from_npy_folder(tmp_path, capsys):
     assert "QuantizeLinear" in ops
 
 
+def test_quantize_with_adaround_seq_mse_and_bias_correction(tmp_path, capsys):
+    src, _ = make(tmp_path)
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        np.save(calib / f"{i:03d}.npy", rng.standard_normal((4, 3, 8, 8)).astype(np.float32))
+    out = tmp_path / "q"
+    code = main(["quantize", str(src), "--calib", str(calib), "--per-channel", "--w-bits", "4",
+                 "--seq-mse", "--adaround-iterations", "50", "--bias-correction", "empirical",
+                 "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    data = json.loads((out / "in.encodings.json").read_text())
+    frozen = [e for e in data["param_encodings"] if e.get("is_frozen")]
+    assert frozen and all(e["bw"] == 4 for e in frozen)
+    # a data step in a plain optimize recipe is refused with a reason
+    assert main(["optimize", str(src), "--passes", "adaround", "-o", str(tmp_path / "o.onnx")]) == 1
+    assert "needs calibration data" in capsys.readouterr().err
+
+
 def test_quantize_with_bad_calibration_data(tmp_path, capsys):
     src, _ = make(tmp_path)
     calib = tmp_path / "calib"
