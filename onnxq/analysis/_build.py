@@ -74,11 +74,17 @@ class Builder:
 
         float_model = self.float_model(passes)
         plan = annotate(float_model, config)
-        upgraded = _upgrade_opset(float_model, required_opset(plan))
+        need = required_opset(plan)
+        key = (*passes, f"<opset {need}>")
+        if key not in self._floats:  # the opset upgrade may rename tensors: its own statistics
+            self._floats[key] = _upgrade_opset(float_model, need)
+        upgraded = self._floats[key]
         if upgraded is not float_model:
             plan = annotate(upgraded, config)
+        else:
+            key = tuple(passes)
         names = sorted({v.name for g in plan.groups for v in g.members if v.name})
-        observers = self.observers(passes, names)
+        observers = self.observers(key, names)
         ranges: dict[int, tuple[float, float]] = {}
         for group in plan.groups:
             if group.fixed_range is not None:

@@ -640,11 +640,13 @@ def diagnose(data: Mapping[str, Any]) -> list[str]:
         words.append(f"FP32 sanity passed: with every quantizer made lossless the QDQ model reproduces "
                      f"the float model exactly (max |Δ| = {san['max_abs_diff']:.3g}).")
     else:
-        first = san["problems"][0]["quantizer"] if san["problems"] else "unknown"
+        where = (f"{len(san['problems'])} quantizer(s) have inconsistent parameters, first "
+                 f"{san['problems'][0]['quantizer']}" if san["problems"] else
+                 "no quantizer has inconsistent parameters (an op the layout folded computes "
+                 "differently)")
         words.append(f"FP32 sanity FAILED: the lossless QDQ model differs from the float model by "
                      f"{san['max_abs_diff']:.3g} ({san['max_rel_diff']:.3g} of the output range); "
-                     f"{len(san['problems'])} quantizer(s) have inconsistent parameters, first "
-                     f"{first}. Fix the QDQ model before reading the rest.")
+                     f"{where}. Fix the QDQ model before reading the rest.")
 
     def d(key: str) -> str:
         drop = s[key]["drop"]

@@ -333,6 +333,20 @@ def _view(dq: ir.Node, q: ir.Node, name: str, fvalues: dict[str, ir.Value]) -> _
     return _View(dq, value, path)
 
 
+def _linear_factor(path: list[ir.Node]) -> float | None:
+    """The factor of a chain of Mul/Div by scalar constants (None if it is anything else)."""
+    factor = 1.0
+    for node in path:
+        if not is_op(node, ("Mul", "Div")) or len(node.inputs) != 2:
+            return None
+        k = _data_index(node)
+        c = constant(node.inputs[1 - k]) if node.inputs[1 - k] is not None else None
+        if c is None or c.size != 1 or (node.op_type == "Div" and k != 0):
+            return None
+        factor = factor * float(c.reshape(())) if node.op_type == "Mul" else factor / float(c.reshape(()))
+    return factor
+
+
 def _params(node: ir.Node) -> tuple:
     scale = _scalar(node.inputs[1], 1.0)
     zero = _scalar(node.inputs[2] if len(node.inputs) > 2 else None)
@@ -410,7 +424,15 @@ def lossless(qdq: ir.Model, float_model: ir.Model) -> tuple[ir.Model, list[dict]
                 _redirect(graph, dq.outputs[0], src)
                 continue
             is_view = view.value != pair.name
-            if not is_view or not np.array_equal(z_q, z_d):
+            factor = _linear_factor(view.path[len(base.path) if base is not None and
+                                                  view.path[: len(base.path)] == base.path else 0:])
+            if is_view and np.array_equal(z_q, z_d) and factor is not None and \
+                    np.allclose(s_d / s_q, factor, rtol=1e-6, atol=0):
+                # a rescaled view whose scale is the folded ops' factor: exact in float
+                rest = view.path[len(base.path):] if base is not None else view.path
+                _redirect(graph, dq.outputs[0], _restore(graph, src, rest, inits))
+                continue
+            if not is_view or not np.array_equal(z_q, z_d) or factor is not None:
                 problems.append({
                     "quantizer": qid,
                     "problem": f"QuantizeLinear (scale {s_q.tolist()}, zero point {z_q.tolist()}) and "
