@@ -27,9 +27,10 @@ adds two ops and a rounding error. Which ops run as integer kernels:
    conversions: running one in integers costs a Q or DQ on each edge to a float neighbour and
    saves one on each edge to an integer neighbour (edges are followed through data-movement ops
    and Relu / Clip), so it runs in integers when its integer edges are at least its float edges
-   (Conv → Mul(c) → Add(b) → Conv: integers; a transformer's residual Add between two
-   LayerNormalizations: float). A light op whose input lies inside a supergroup, or whose
-   constant input cannot be quantized (±Inf), stays float;
+   (Conv → Mul(c) → Add(b) → Conv: integers; an Add between two float ops: float). Ops in
+   ``QuantConfig.integer_neighbours`` count as integer neighbours although they run in float
+   (LayerNormalization: see the config). A light op whose input lies inside a supergroup, or
+   whose constant input cannot be quantized (±Inf), stays float;
 3. Relu / Clip after an integer op is absorbed (an implicit supergroup): the quantizer goes after
    it, and Q/DQ insertion drops it when the grid lies inside its bounds.
 
@@ -327,7 +328,7 @@ class _Placement:
         self.config = config
         self.sentinels = sentinels
         self.integer_ops = frozenset(config.integer_ops)
-        self.integer_readers = frozenset(config.integer_readers)
+        self.integer_neighbours = frozenset(config.integer_neighbours)
         #: outputs of supergroup heads (not quantized)
         self.inside = inside
         #: node id → True (integer kernel) / False (float) / None (undecided light op)
@@ -439,7 +440,7 @@ class _Placement:
     def _count(self, node: ir.Node) -> tuple[int, int, int]:
         ints = floats = undecided = 0
         for other in self._edges(node):
-            if other is not None and other.op_type in self.integer_readers:
+            if other is not None and other.op_type in self.integer_neighbours:
                 ints += 1
                 continue
             state = False if other is None else self.state.get(id(other), False)

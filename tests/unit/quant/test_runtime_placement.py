@@ -215,25 +215,27 @@ g (float[N,16] x) => (float[N,16] y)
 }"""
 
 
-def test_a_residual_add_between_layernorms_stays_float():
-    config = PER_CHANNEL.replace(supergroups=())  # MatMul's output is its own tensor here
+def test_a_residual_add_between_float_ops_stays_float():
+    config = PER_CHANNEL.replace(supergroups=(), integer_neighbours=())
     plan = annotate(model_from_text(TRANSFORMER), config)
     quantized = _quantized_names(plan)
     assert "r" not in quantized  # two float neighbours (LayerNorm, LayerNorm), one integer
     assert {"n1", "h"} <= quantized  # the MatMul reads and writes integers
 
 
-def test_layernorm_as_an_integer_reader_puts_the_residual_add_in_integers(tmp_path):
-    """The config knob for onnxruntime's slow SkipLayerNormalization: the residual Add before a
+def test_layernorm_as_an_integer_neighbour_puts_the_residual_add_in_integers(tmp_path):
+    """The default for onnxruntime's slow SkipLayerNormalization: the residual Add before a
     LayerNormalization runs as QLinearAdd, so no Add + LayerNormalization fusion happens."""
-    config = PER_CHANNEL.replace(supergroups=(), integer_readers=("LayerNormalization",))
+    config = PER_CHANNEL.replace(supergroups=())
+    assert config.integer_neighbours == ("LayerNormalization",)
     model = model_from_text(TRANSFORMER.replace("float[N,16]", "float[N,4,16]"))
     plan = annotate(model, config)
     assert "r" in _quantized_names(plan)
     sim = onnxq.quantize(model, _calib((2, 4, 16)), config=config)
     fused = _fused(sim.model, tmp_path)
     assert "QLinearAdd" in fused and "SkipLayerNormalization" not in fused, fused
-    float_sim = onnxq.quantize(model, _calib((2, 4, 16)), config=config.replace(integer_readers=()))
+    float_config = config.replace(integer_neighbours=())
+    float_sim = onnxq.quantize(model, _calib((2, 4, 16)), config=float_config)
     assert "SkipLayerNormalization" in _fused(float_sim.model, tmp_path)
 
 
