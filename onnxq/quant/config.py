@@ -22,7 +22,9 @@ from typing import Any
 
 from onnxq.errors import ConfigError
 
-CONFIG_VERSION = 1
+#: 2: activation placement became a choice ("runtime", the new default); a version-1 config
+#: means a quantizer at every op boundary and loads with placement "all"
+CONFIG_VERSION = 2
 RANGE_METHODS = ("minmax", "percentile", "mse", "entropy")
 
 
@@ -165,7 +167,7 @@ class QuantConfig:
             model_inputs=bool(data.get("model_inputs", base.model_inputs)),
             model_outputs=bool(data.get("model_outputs", base.model_outputs)),
             supergroups=tuple(tuple(g) for g in data.get("supergroups", base.supergroups)),
-            placement=str(data.get("placement", base.placement)),
+            placement=str(data.get("placement", base.placement if version >= 2 else "all")),
             integer_ops=tuple(data.get("integer_ops", base.integer_ops)),
             integer_neighbours=tuple(data.get("integer_neighbours", base.integer_neighbours)),
             fold_scalar_scales=bool(data.get("fold_scalar_scales", base.fold_scalar_scales)),

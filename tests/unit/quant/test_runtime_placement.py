@@ -337,3 +337,11 @@ def test_an_encodings_file_rebuilds_folded_scales_and_constants(tmp_path):
     again = onnxq.quant.sim.quantize_with_encodings(sim.float_model, paths["encodings"], sim.config)
     feeds = {"x": _calib((2, 3, 8, 8), 1, seed=9)[0]}
     np.testing.assert_array_equal(sim.run(feeds)[0], again.run(feeds)[0])
+
+
+def test_a_version_1_config_keeps_a_quantizer_at_every_boundary():
+    old = {k: v for k, v in QuantConfig().to_dict().items()
+           if k not in ("placement", "integer_neighbours", "fold_scalar_scales", "sentinel")}
+    old["version"] = 1
+    assert QuantConfig.from_dict(old).placement == "all"
+    assert QuantConfig.from_dict(QuantConfig().to_dict()).placement == "runtime"
