@@ -696,6 +696,12 @@ def calibration_timing(model: str, float_path: Path, batches: list, reps: int) -
 
 
 def run_model(model: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    if args.timing_only:  # only the calibration-vs-FP32 timing (merged into the JSON's entry)
+        batches = calibration_batches(model, args.quick)
+        floats = {"float": asset_path(model)}
+        return {"asset": model, "metric": METRIC[model], "commit": _commit(), "timing_only": True,
+                "calibration_timing": calibration_timing(model, floats["float"], batches,
+                                                         max(args.calib_reps, 1))}
     floats = prepare_floats(model, work)
     evaluate = Evaluator(model)
     metric = METRIC[model]
@@ -774,7 +780,20 @@ def run_model(model: str, work: Path, args: argparse.Namespace) -> dict[str, Any
 # --------------------------------------------------------------------------------------------------
 
 
+def _print_timing(timing: dict[str, Any]) -> None:
+    print(f"  calibration vs FP32 inference over the same batches (best of {timing['reps']}"
+          f" alternated runs; FP32 {timing['fp32_inference_s']:.2f} s):")
+    for method in CALIBRATION_METHODS:
+        t = timing[method]
+        print(f"    {method:<8} {t['calibration_s']:6.2f} s  ({t['ratio']:.2f}x; statistics "
+              f"{t['statistics_s']:.2f} s, {t['observed_tensors']} tensors)")
+
+
 def print_report(result: dict[str, Any]) -> None:
+    if result.get("timing_only"):
+        print(f"\n== {result['asset']} (onnxq {result.get('commit', '?')}) ==")
+        _print_timing(result["calibration_timing"])
+        return
     metric = result["metric"]
     ref = result["calibration_reference"]
     fp32 = result["rows"]["fp32"]
@@ -805,12 +824,7 @@ def print_report(result: dict[str, Any]) -> None:
               f" {row['latency_b32_ms']:8.1f}")
     timing = result.get("calibration_timing")
     if timing:
-        print(f"  calibration vs FP32 inference over the same batches (best of {timing['reps']}"
-              f" alternated runs; FP32 {timing['fp32_inference_s']:.2f} s):")
-        for method in CALIBRATION_METHODS:
-            t = timing[method]
-            print(f"    {method:<8} {t['calibration_s']:6.2f} s  ({t['ratio']:.2f}x; statistics "
-                  f"{t['statistics_s']:.2f} s, {t['observed_tensors']} tensors)")
+        _print_timing(timing)
     cols = list(_summarize_ops({}).keys())
     short = {"MatMulIntegerToFloat": "MMIntToF", "DynamicQuantizeMatMul": "DynQMM",
              "DequantizeLinear": "DQ", "QuantizeLinear": "Q", "QLinear* other": "QLin*other",
@@ -855,7 +869,11 @@ def _write_results(path: Path, results: dict[str, Any], merge: bool, partial: bo
         fresh = []
         for model in results["models"]:
             before = previous.pop(model["asset"], None)
-            if partial and before is not None:
+            if model.get("timing_only"):
+                if before is None:
+                    continue
+                model = {**before, "calibration_timing": model["calibration_timing"]}
+            elif partial and before is not None:
                 rows = {**before.get("rows", {}), **model["rows"]}
                 model = {**before, **model, "rows": rows}
                 for key in ("calibration_timing", "profile"):
@@ -917,6 +935,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per subprocess")
     parser.add_argument("--no-merge", dest="merge", action="store_false",
                         help="overwrite the JSON instead of replacing only the models run now")
+    parser.add_argument("--timing-only", action="store_true",
+                        help="only the calibration timing; merged into the JSON's model entries")
     parser.add_argument("--calib-reps", type=int, default=3,
                         help="rounds of the calibration-vs-FP32 timing (0: skip it)")
     # child mode
@@ -948,7 +968,8 @@ def main(argv: list[str] | None = None) -> int:
             print_report(result)
             results["models"].append(result)
             if json_path is not None:
-                _write_results(json_path, results, merge=args.merge, partial=bool(args.rows))
+                _write_results(json_path, results, merge=args.merge or args.timing_only,
+                               partial=bool(args.rows))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -544,6 +544,7 @@ def annotate(model: ir.Model, config: QuantConfig) -> QuantPlan:
     if config.placement == "runtime":
         inside = {id(n.outputs[0]) for n in graph if n.outputs and in_supergroup(n)}
         placement = _Placement(graph, config, {id(s.node) for s in weights}, inside, sentinels)
+
     # activations: candidates, then ties
     ties = _Ties()
     candidates: list[ir.Value] = []

@@ -158,21 +158,6 @@ class Observer:
             self._update_channels(x, np.isfinite(x) if nonfinite else None)
         self.nonfinite += nonfinite
 
-    def update_extremes(self, mn: float, mx: float, count: int) -> None:
-        """Add a batch known only by its finite min, max and size (a ``histogram=False``
-        observer without ``axis``: all the minmax method needs; the extremes may come from
-        reductions inside the onnxruntime graph)."""
-        if self.histogram or self.axis is not None:
-            raise ValueError(f"{self._label()}: a histogram or per-channel observer needs values")
-        self.batches += 1
-        if count == 0:
-            return
-        mn, mx = float(mn), float(mx)
-        if not (math.isfinite(mn) and math.isfinite(mx)):
-            raise ValueError(f"{self._label()}: non-finite extremes; observe the values instead")
-        self.count += int(count)
-        self.min, self.max = min(self.min, mn), max(self.max, mx)
-
     def _chunk(self, part: np.ndarray, counts: np.ndarray | None) -> int:
         """Add one chunk; returns how many of its values were NaN / ±Inf (left out)."""
         mn, mx = part.min(), part.max()
