@@ -39,6 +39,8 @@ def test_plots_are_written_and_embedded(report):
 def test_report_renders_in_headless_chromium(report):
     _, out = report
     cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
+           "--disable-quic", "--no-first-run", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", f"--user-data-dir={out / 'chromium'}",
            "--dump-dom", (out / "report.html").resolve().as_uri()]
     dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False).stdout
     for section in SECTIONS:
