@@ -85,6 +85,74 @@ def test_gradient_matches_finite_differences(act):
         assert grad[idx] == pytest.approx((lp - lm) / (2 * eps), rel=0.05, abs=2e-4)
 
 
+@pytest.mark.parametrize("kind", ["matrix", "diag"])
+def test_gradient_with_downstream_weighting_matches_finite_differences(kind):
+    """Loss measured after the next layer, ‖(f(ỹ) − t)·Pᵀ‖²: gradient by finite differences."""
+    act = Activation("clip", (0.0, 6.0))
+    job = _job(act, shape=(1, 6, 5), rows=60)
+    rng = np.random.default_rng(5)
+    p = rng.standard_normal((4, 6) if kind == "matrix" else (6,)).astype(np.float32)
+    w_s = job.weight.astype(np.float64) / job.scale
+    base = np.floor(w_s)
+    const = (base * job.scale).astype(np.float32)
+    slope = job.scale.astype(np.float32) * np.ones_like(const)
+    problem = _Problem(const, slope, job.bias, act, job.weight.shape, reg=0.01, down=(kind, p))
+    v = _init_v(w_s - base).astype(np.float32)
+    t = np.asarray(job.target)
+    loss, grad = problem.loss_and_grad(v, job.inputs, t, beta=None, with_loss=True)
+    # the loss is the weighted one
+    y = np.clip(np.einsum("rgk,gok->rgo", job.inputs, (const + slope * rectified_sigmoid(v))).reshape(60, -1)
+                + job.bias, 0, 6)
+    e = (y - t) @ p.T if kind == "matrix" else (y - t) * p
+    assert loss == pytest.approx(float(np.mean(np.sum(e.astype(np.float64) ** 2, axis=1))), rel=1e-4)
+    v64 = v.astype(np.float64)
+    for _ in range(6):
+        idx = tuple(int(rng.integers(n)) for n in v.shape)
+        eps = 1e-3
+        vp, vm = v64.copy(), v64.copy()
+        vp[idx] += eps
+        vm[idx] -= eps
+        lp, _ = problem.loss_and_grad(vp.astype(np.float32), job.inputs, t, None, with_loss=True)
+        lm, _ = problem.loss_and_grad(vm.astype(np.float32), job.inputs, t, None, with_loss=True)
+        assert grad[idx] == pytest.approx((lp - lm) / (2 * eps), rel=0.05, abs=2e-4)
+
+
+def test_downstream_map_of_pointwise_depthwise_and_other_readers():
+    """A 1×1 Conv reader gives its weight matrix, a depthwise reader per-channel tap norms, both
+    scaled to ‖P‖²_F = C; a 3×3 Conv gives a factor of Σ_taps WᵀW; a Relu or two readers: none."""
+    from onnxq.algorithms._layers import find_layers
+
+    model = model_from_text(MODEL)
+    first, dw, last = find_layers(model)[0]
+    w2 = model.graph.initializers["w2"].const_value.numpy().reshape(8, 9).astype(np.float64)
+    kind, d = first.downstream
+    assert kind == "diag"
+    norms = np.sqrt((w2**2).sum(1))
+    np.testing.assert_allclose(d, norms * np.sqrt(8 / (norms**2).sum()), rtol=1e-5)
+    kind, p = dw.downstream
+    w3 = model.graph.initializers["w3"].const_value.numpy().reshape(4, 8).astype(np.float64)
+    assert kind == "matrix"
+    np.testing.assert_allclose(p, w3 * np.sqrt(8 / (w3**2).sum()), rtol=1e-5)
+    assert last.downstream is None  # a graph output
+    three = model_from_text("""<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,3,8,8] x) => (float[N,5,6,6] y, float[N,4,8,8] r) <float[4,3,1,1] w1, float[5,4,3,3] w2> {
+    a = Conv (x, w1)
+    r = Relu (a)
+    y = Conv (a, w2)
+}""")
+    (a_layer, conv3) = find_layers(three)[0]
+    assert a_layer.downstream is None  # read by Relu and by the Conv
+    full = model_from_text("""<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,3,8,8] x) => (float[N,5,6,6] y) <float[4,3,1,1] w1, float[5,4,3,3] w2> {
+    a = Conv (x, w1)
+    y = Conv (a, w2)
+}""")
+    kind, p = find_layers(full)[0][0].downstream
+    w = full.graph.initializers["w2"].const_value.numpy().astype(np.float64)
+    gram = np.einsum("ockl,odkl->cd", w, w)
+    np.testing.assert_allclose(p.T.astype(np.float64) @ p, gram * 4 / np.trace(gram), rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_adaround_beats_nearest_rounding_on_the_layer_loss(seed):
     job = _job(seed=seed)
