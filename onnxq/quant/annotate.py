@@ -15,7 +15,16 @@ For every tensor the plan says whether and how it is quantized:
 * **tied encodings**: data-movement ops (Reshape, Transpose, Flatten, Squeeze, Unsqueeze, Slice,
   Gather, Identity, Pad, …) and MaxPool / Resize reuse their input's encoding, and Concat's inputs and
   output share one, so the runtime sees equal scales where it needs them;
-* **fixed ranges**: Sigmoid, HardSigmoid and Softmax outputs are [0, 1], Tanh [−1, 1].
+* **fixed ranges**: Sigmoid, HardSigmoid and Softmax outputs are [0, 1], Tanh [−1, 1];
+* **integer clips** (``QuantConfig.integer_clips``): a ``Min`` / ``Max`` with a constant operand
+  whose data input and output are both quantized (CLE turns ReLU6 into ``Relu → Min(·, 6/s)``
+  with a per-channel bound) runs on the integers. Rounding and clamping are monotone, so with one
+  grid ``Q(min(y, c)) = min(Q(y), Q(c))`` exactly (and the same for ``max``); the input is tied to
+  the output's encoding (calibrated on the output only) and Q/DQ insertion writes
+  ``QuantizeLinear → Min(integers, Q(c)) → DequantizeLinear`` instead of
+  ``Q → DQ → Min → Q → DQ``, so onnxruntime fuses the layers on both sides into QLinearConv
+  with a uint8 ``Min`` between them. Applies when the input is read by the Min / Max only, is
+  the only tensor of its group, and the constant does not broadcast the input to a larger shape.
 
 **Placement.** ``"all"`` quantizes every op boundary (a fixed-point accelerator; AIMET).
 ``"runtime"`` (the default) quantizes a tensor only where an integer kernel of the runtime reads or
@@ -51,8 +60,8 @@ Facts are kept in the returned :class:`QuantPlan`; nothing in the model changes.
 from __future__ import annotations
 
 __all__ = [
-    "QuantPlan", "ActivationGroup", "WeightSite", "BiasSite", "ConstantSite", "annotate",
-    "QUANTIZED_OPS",
+    "QuantPlan", "ActivationGroup", "WeightSite", "BiasSite", "ConstantSite", "IntegerClip",
+    "annotate", "QUANTIZED_OPS",
 ]
 
 import dataclasses
@@ -144,12 +153,26 @@ class ConstantSite:
 
 
 @dataclasses.dataclass
+class IntegerClip:
+    """A ``Min`` / ``Max`` with a constant bound that runs on the integers of its input's grid.
+
+    ``node.inputs[data]`` and ``node.outputs[0]`` are quantized tensors of one group (the
+    output's statistics set it); ``node.inputs[bound]`` is the float constant, stored as
+    ``clamp(round(c / s) + z)`` on that grid by Q/DQ insertion."""
+
+    node: ir.Node
+    data: int
+    bound: int
+
+
+@dataclasses.dataclass
 class QuantPlan:
     groups: list[ActivationGroup]
     weights: list[WeightSite]
     biases: list[BiasSite]
     skipped: list[tuple[str, str]]
     constants: list[ConstantSite] = dataclasses.field(default_factory=list)
+    clips: list[IntegerClip] = dataclasses.field(default_factory=list)
 
     def group_of(self) -> dict[int, ActivationGroup]:
         return {id(v): g for g in self.groups for v in (*g.members, *g.quantized)}
@@ -629,6 +652,7 @@ def annotate(model: ir.Model, config: QuantConfig) -> QuantPlan:
     for g in groups:
         if not g.members:  # cannot happen (a group's root value is a member), but stay safe
             g.members = list(g.quantized)
+    clips = _integer_clips(graph, groups) if config.integer_clips else []
     if placement is not None:
         _fold_scalings(groups, placement)
 
@@ -642,11 +666,62 @@ def annotate(model: ir.Model, config: QuantConfig) -> QuantPlan:
         )
     log.info(
         "annotate (%s): %d activation groups (%d tensors), %d weights, %d biases, "
-        "%d constant operands, %d skipped",
+        "%d constant operands, %d integer clips, %d skipped",
         config.placement, len(groups), sum(len(g.quantized) for g in groups), len(weights),
-        len(biases), len(constants), len(skipped),
+        len(biases), len(constants), len(clips), len(skipped),
     )
-    return QuantPlan(groups, weights, biases, skipped, constants)
+    return QuantPlan(groups, weights, biases, skipped, constants, clips)
+
+
+def _bound_fits(bound: ir.Value, data: ir.Value) -> bool:
+    """True if broadcasting the constant ``bound`` against ``data`` keeps ``data``'s shape."""
+    c_shape = tuple(bound.const_value.shape)
+    if int(np.prod(c_shape, dtype=np.int64)) == 1 and data.shape is not None and \
+            len(c_shape) <= len(data.shape):
+        return True
+    if data.shape is None or len(c_shape) > len(data.shape):
+        return False
+    dims = list(data.shape)[len(data.shape) - len(c_shape):]
+    return all(c == 1 or (isinstance(d, int) and d == c) for c, d in zip(c_shape, dims))
+
+
+def _integer_clips(graph: ir.Graph, groups: list[ActivationGroup]) -> list[IntegerClip]:
+    """Min / Max nodes with a constant bound that can run on integers (module docstring); their
+    input joins the group of their output (which alone sets the encoding)."""
+    owner = {id(v): g for g in groups for v in g.quantized}
+    clips: list[IntegerClip] = []
+    for node in reversed(list(graph)):  # a chain Max → Min joins from its end
+        if not is_op(node, ("Min", "Max")) or len(node.inputs) != 2 or len(node.outputs) != 1:
+            continue
+        consts = [i for i, v in enumerate(node.inputs) if v is not None and _is_const(v)]
+        if len(consts) != 1:
+            continue
+        bound_i = consts[0]
+        data_i = 1 - bound_i
+        x, bound, out = node.inputs[data_i], node.inputs[bound_i], node.outputs[0]
+        if x is None or not _is_float(bound) or bound.dtype != x.dtype:
+            continue
+        gx, gm = owner.get(id(x)), owner.get(id(out))
+        if gx is None or gm is None or gx is gm:
+            continue
+        if sole_consumer(x) is not node or out.is_graph_output() or x.is_graph_output():
+            continue
+        if gx.quantized != [x] or gx.fixed_range is not None or gx.source is not None:
+            continue
+        if gm.source is not None or gm.folded is not None:
+            continue
+        if (gx.spec.bits, gx.spec.symmetric, gx.spec.strict) != (
+            gm.spec.bits, gm.spec.symmetric, gm.spec.strict
+        ):
+            continue
+        if not np.isfinite(constant(bound)).all() or not _bound_fits(bound, x):
+            continue
+        gm.quantized.insert(0, x)
+        groups.remove(gx)
+        owner[id(x)] = gm
+        clips.append(IntegerClip(node, data_i, bound_i))
+    clips.reverse()
+    return clips
 
 
 def _fold_scalings(groups: list[ActivationGroup], placement: _Placement) -> None:

@@ -120,6 +120,10 @@ class QuantConfig:
     #: float32's lowest): tensors computed from them by element-wise or data-movement ops are
     #: never quantized (their grid would have no room left for the real values); 0 disables
     sentinel: float = 1e4
+    #: a Min / Max with a constant bound between two quantized tensors (CLE's ReLU6 → Relu →
+    #: Min(·, 6/s)) runs on the integers: its input takes its output's encoding and the bound is
+    #: stored on that grid, exact since min(Q(y), Q(c)) = Q(min(y, c)) (annotate.py)
+    integer_clips: bool = True
     #: node name → {"weights": {...}, "activations": {...}} or {"skip": True}
     node_overrides: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     #: op type → same as node_overrides
@@ -146,6 +150,7 @@ class QuantConfig:
             "integer_neighbours": list(self.integer_neighbours),
             "fold_scalar_scales": self.fold_scalar_scales,
             "sentinel": self.sentinel,
+            "integer_clips": self.integer_clips,
             "node_overrides": {k: dict(v) for k, v in self.node_overrides.items()},
             "op_overrides": {k: dict(v) for k, v in self.op_overrides.items()},
         }
@@ -172,6 +177,7 @@ class QuantConfig:
             integer_neighbours=tuple(data.get("integer_neighbours", base.integer_neighbours)),
             fold_scalar_scales=bool(data.get("fold_scalar_scales", base.fold_scalar_scales)),
             sentinel=float(data.get("sentinel", base.sentinel)),
+            integer_clips=bool(data.get("integer_clips", base.integer_clips)),
             node_overrides=dict(data.get("node_overrides", {})),
             op_overrides=dict(data.get("op_overrides", {})),
             version=version,

@@ -9,6 +9,12 @@
 * a constant operand of an integer Add / Mul is stored on the activations' grid (per tensor, over
   its own range with 0 included: a scalar ``c`` is exact, ``c = (q − z)·s`` with ``q`` at an end of
   the grid) and read through its own ``DequantizeLinear``, so QLinearAdd / QLinearMul fuse;
+* an integer clip (a ``Min`` / ``Max`` with a constant bound, see :mod:`~onnxq.quant.annotate`)
+  reads the integers of its input's QuantizeLinear and the bound stored on the same grid,
+  ``clamp(round(c / s) + z, qmin, qmax)`` (float32 division, round half to even, as
+  QuantizeLinear computes it), and its integer output is read through one DequantizeLinear per
+  reader: ``Q(y) → Min(·, Q(c)) → DQ`` equals ``Q(min(y, c))`` bit for bit, since rounding and
+  clamping are monotone;
 * a Mul / Div by a positive scalar ``k`` that the plan folds disappears: ``DQ(q; s·k, z) =
   k·DQ(q; s, z)``, so the readers of ``x·k`` get ``DequantizeLinear`` of ``x``'s integers with the
   scale ``s·k`` (exact up to the float32 rounding of ``s·k``; one rounding fewer than quantizing
@@ -28,8 +34,9 @@ import math
 import numpy as np
 import onnx_ir as ir
 
+from onnxq.errors import ConfigError
 from onnxq.passes._graph import add_initializer, clip_bounds, constant, is_op
-from onnxq.quant.annotate import ActivationGroup, QuantPlan
+from onnxq.quant.annotate import ActivationGroup, IntegerClip, QuantPlan
 from onnxq.quant.qparams import QRange, affine_params, quantize, qrange
 
 _INT_TYPES = {
@@ -139,6 +146,15 @@ def insert_qdq(
             enc = given.get(value.name or "") or _activation_encoding(value, group, lo, hi)
             act_enc[id(value)] = enc
             encodings.append(enc)
+    for clip in plan.clips:
+        a = act_enc[id(clip.node.inputs[clip.data])]
+        b = act_enc[id(clip.node.outputs[0])]
+        if (a.scale, a.zero_point, a.bits, a.signed) != (b.scale, b.zero_point, b.bits, b.signed):
+            raise ConfigError(
+                f"the encodings of '{a.name}' and '{b.name}' differ, but the config runs "
+                f"'{clip.node.name}' ({clip.node.op_type}) on integers, which needs one grid: "
+                "rebuild with the config's integer_clips=False"
+            )
     derived = _derived_order(plan)
     for group in derived:  # a scaled copy of its source's grid
         base = act_enc[id(group.source)]
@@ -246,10 +262,17 @@ def insert_qdq(
     # activations
     first = graph.node(0) if len(graph) else None
     views: dict[int, tuple[ir.Value, ir.Value]] = {}  # value → (its integers, their zero point)
+    clipped = {id(c.node.outputs[0]) for c in plan.clips}
+    clip_inputs = [c.node.inputs[c.data] for c in plan.clips]  # before any rewiring
     for group in plan.groups:
         if group.source is None:
             for value in group.quantized:
-                views[id(value)] = _wrap_activation(graph, value, act_enc[id(value)], first)
+                if id(value) not in clipped:
+                    views[id(value)] = _wrap_activation(graph, value, act_enc[id(value)], first)
+    clip_nodes = {id(c.node) for c in plan.clips}
+    for clip, x in zip(plan.clips, clip_inputs):  # graph order: a chain Max → Min reads
+        out = clip.node.outputs[0]                  # the integers of its head
+        views[id(out)] = _integer_clip(graph, clip, views[id(x)], act_enc[id(out)], clip_nodes)
     for group in derived:
         for value in group.quantized:
             if group.folded is not None and value is group.folded.outputs[0]:
@@ -259,6 +282,44 @@ def insert_qdq(
             else:
                 views[id(value)] = _wrap_activation(graph, value, act_enc[id(value)], first)
     return encodings
+
+
+def _integer_clip(
+    graph: ir.Graph, clip: IntegerClip, view: tuple[ir.Value, ir.Value], enc: Encoding,
+    clip_nodes: set[int],
+) -> tuple[ir.Value, ir.Value]:
+    """Make ``clip.node`` compute on the integers ``view`` of its input with its bound on the
+    grid ``enc``; its readers (other than integer clips) get one DequantizeLinear each."""
+    node = clip.node
+    integers, zero = view
+    out = node.outputs[0]
+    name = out.name or "clip"
+    bound = node.inputs[clip.bound]
+    c = np.asarray(constant(bound), np.float32)
+    grid = enc.grid()
+    scale32 = np.float32(enc.scale[0])
+    codes = np.clip(np.rint(c / scale32).astype(np.float64) + enc.zero_point[0], grid.qmin, grid.qmax)
+    q_bound = _initializer(
+        graph, _int_tensor(codes.astype(np.int64), enc.bits, enc.signed, ""),
+        f"{bound.name or 'bound'}_{node.name or 'clip'}_quantized",
+    )
+    old_input = node.inputs[clip.data]
+    node.replace_input_with(clip.data, integers)
+    node.replace_input_with(clip.bound, q_bound)
+    feeder = old_input.producer() if old_input is not None else None
+    if is_op(feeder, "DequantizeLinear") and not old_input.uses() and \
+            not old_input.is_graph_output():
+        graph.remove(feeder, safe=True)  # the DQ that fed only this node
+    readers = [u for u in out.uses() if id(u.node) not in clip_nodes]
+    out.type = ir.TensorType(integers.dtype)  # a new type: a clone may share the old one
+    scale = add_initializer(graph, np.array(enc.scale[0], np.float32), f"{name}_scale")
+    for i, usage in enumerate(readers):
+        dq = _dq([out, scale, zero], None, name if i == 0 else f"{name}_{i}", None)
+        dq.outputs[0].shape = out.shape
+        graph.insert_before(usage.node, dq)
+        usage.node.replace_input_with(usage.idx, dq.outputs[0])
+    out.name = f"{name}_quantized"
+    return out, zero
 
 
 def _derived_order(plan: QuantPlan) -> list[ActivationGroup]:
