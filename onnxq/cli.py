@@ -114,6 +114,39 @@ def _parser() -> argparse.ArgumentParser:
     ana.add_argument("--no-plots", action="store_true", help="a report without plots (faster)")
     ana.add_argument("-o", "--output", required=True, help="output folder (report, plan.json)")
 
+    com = sub.add_parser("compress", help="reach a MAC target by SVD / channel pruning with per-layer ratios")
+    com.add_argument("model", help="input float .onnx file")
+    com.add_argument("--data", dest="calib", required=True,
+                     help="calibration data: a folder of .npy/.npz, or of images (with --preprocess)")
+    com.add_argument("--preprocess", help="image preprocessing (as for quantize)")
+    com.add_argument("--limit", type=int, help="use at most this many images")
+    com.add_argument("--target-macs", type=float, default=0.5,
+                     help="MACs of the result as a fraction of the input's (default 0.5)")
+    com.add_argument("--scheme", default="ssvd+cp",
+                     help="techniques in order: ssvd (spatial SVD), wsvd (weight SVD), cp (channel pruning); default ssvd+cp")
+    com.add_argument("--eval", dest="evaluate", metavar="MODULE:FUNCTION",
+                     help="score: a function taking an onnxruntime session and returning a number or a dict "
+                     "(default: agreement with the original on held-out samples)")
+    com.add_argument("--metric", help="the key to use when --eval returns a dict")
+    com.add_argument("--lower-is-better", action="store_true", help="the metric is an error rate")
+    com.add_argument("--eval-data", help="held-out samples for the proxy (.npy/.npz folder); "
+                     "default: the last fifth of --data")
+    com.add_argument("--ratios", help="candidate per-layer ratios, comma-separated (default 0.1,...,0.9)")
+    com.add_argument("--exclude", help="layer names (or glob patterns) never compressed, comma-separated")
+    com.add_argument("--method", choices=("greedy", "lasso"), default="greedy",
+                     help="channel selection for pruning (default greedy)")
+    com.add_argument("--calib-samples", type=int, default=64,
+                     help="calibration samples used to fit channel pruning (default 64)")
+    com.add_argument("--finetune-epochs", type=int, default=0,
+                     help="fine-tune each stage by distillation (needs onnxq.train: pip install onnxq[train])")
+    com.add_argument("--workers", type=int, default=0, help="sweep worker processes (default: up to 2)")
+    com.add_argument("--ray", metavar="auto|ADDRESS", help="run the sweep as Ray tasks on a cluster (pip install onnxq[ray])")
+    com.add_argument("--no-cache", action="store_true", help="do not reuse earlier sweep results")
+    com.add_argument("--cache-dir", help="sweep cache folder (default ~/.cache/onnxq/compress)")
+    com.add_argument("--summary", help="JSON summary path (default: beside the output, <stem>.json)")
+    com.add_argument("--overwrite", action="store_true", help="allow writing over an existing output")
+    com.add_argument("-o", "--output", required=True, help="output .onnx file")
+
     demo = sub.add_parser("demo", help="optimize the bundled Fashion-MNIST model and compare accuracies")
     demo.add_argument("-o", "--output", default="onnxq-demo", help="folder for the written model")
     return parser
@@ -352,6 +385,29 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from onnxq.compress import CompressConfig, compress
+
+    options: dict[str, Any] = {
+        "target_macs": args.target_macs, "scheme": args.scheme, "method": args.method,
+        "calib_samples": args.calib_samples, "finetune_epochs": args.finetune_epochs,
+        "workers": args.workers, "cache": not args.no_cache, "cache_dir": args.cache_dir,
+        "metric": args.metric, "higher_is_better": not args.lower_is_better, "ray": args.ray,
+    }
+    if args.ratios:
+        options["ratios"] = tuple(float(r) for r in args.ratios.split(",") if r.strip())
+    if args.exclude:
+        options["exclude"] = tuple(e.strip() for e in args.exclude.split(",") if e.strip())
+    config = CompressConfig(**options)
+    result = compress(args.model, _calibration_data(args), config=config, evaluate=args.evaluate,
+                      eval_data=args.eval_data, progress=_Bar)
+    paths = result.save(args.output, args.summary, overwrite=args.overwrite)
+    print(result.table())
+    for kind, path in paths.items():
+        print(f"  {kind:<8} {path}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from onnxq.demo import run_demo
 
@@ -365,6 +421,7 @@ COMMANDS = {
     "quantize": _cmd_quantize,
     "demo": _cmd_demo,
     "analyze": _cmd_analyze,
+    "compress": _cmd_compress,
 }
 
 

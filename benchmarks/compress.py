@@ -1,0 +1,205 @@
+"""Model compression to a MAC target: accuracy, MACs, parameters and onnxruntime latency.
+
+Rows (one run, side by side):
+
+* ``effnet-lite0`` (BN folded) at 75 % MACs, scheme ``ssvd+cp`` (spatial SVD, then channel
+  pruning; the proxy score is argmax agreement with FP32 on the last fifth of the calibration
+  images). Calibration: ImageNet-sample images 0..255; top-1 on images 256..499 (244 held out).
+* ``fashion-mnv2`` (the bundled MobileNetV2-style demo model, unfolded BN) at 50 % MACs, scheme
+  ``ssvd+cp``, calibrated on 512 Fashion-MNIST training images (Debian ``dataset-fashion-mnist``),
+  accuracy on the 2000 bundled test images.
+* ``fashion-resnet`` (``models/fashion_resnet/``, the QAT issue's ResNet) at 50 % MACs when its
+  ONNX file exists.
+
+No fine-tuning (``--finetune-epochs N`` adds it where ``onnxq.train`` provides distillation).
+Latency: onnxruntime, graph optimizations on, batch 1, median of 50 runs, measured for the FP32
+and compressed models alternately over 3 rounds (best round each), so that load from other
+processes on the shared machine does not land on one of them only.
+
+Run::
+
+    python -m benchmarks.compress [--models effnet-lite0,fashion-mnv2] [--json PATH] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("benchmarks.compress")
+RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ("effnet-lite0", "fashion-mnv2", "fashion-resnet")
+FASHION_TRAIN = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+
+
+def _batches(x: np.ndarray, name: str, size: int) -> list[dict[str, np.ndarray]]:
+    return [{name: x[i:i + size]} for i in range(0, len(x), size)]
+
+
+def _top1(model: Any, images: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
+    from onnxq.runtime.session import create_session
+
+    session = create_session(model, optimize=True)
+    name = session.get_inputs()[0].name
+    logits = np.concatenate([session.run(None, {name: images[i:i + 64]})[0] for i in range(0, len(images), 64)])
+    return float(np.mean(logits.argmax(1) == labels)), logits.argmax(1)
+
+
+def _fashion_train(count: int) -> np.ndarray:
+    with gzip.open(FASHION_TRAIN, "rb") as f:
+        raw = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 1, 28, 28)
+    rng = np.random.default_rng(0)
+    pick = np.sort(rng.choice(len(raw), count, replace=False))
+    return (raw[pick].astype(np.float32) / 255.0 - 0.5) / 0.5
+
+
+def _setup(model_id: str) -> dict | None:
+    """Model path, calibration batches, test images/labels and the target for one row."""
+    if model_id == "effnet-lite0":
+        from benchmarks import assets
+        from benchmarks.datasets import imagenet_sample
+
+        path = assets.path("effnet-lite0")
+        if path is None:
+            log.warning("effnet-lite0 not in the asset cache: python -m benchmarks.assets fetch effnet-lite0")
+            return None
+        calib, _ = imagenet_sample(0, 256)
+        test, labels = imagenet_sample(256, None)
+        return {"path": str(path), "data": _batches(calib, "input", 32), "test": test, "labels": labels,
+                "target": 0.75, "scheme": "ssvd+cp", "calib_samples": 128}
+    if model_id == "fashion-mnv2":
+        from onnxq.demo import bundled_model, bundled_test_set
+
+        if not FASHION_TRAIN.is_file():
+            log.warning("%s missing: apt-get install dataset-fashion-mnist", FASHION_TRAIN)
+            return None
+        test, labels = bundled_test_set()
+        return {"path": str(bundled_model()), "data": _batches(_fashion_train(640), "image", 64), "test": test,
+                "labels": labels, "target": 0.5, "scheme": "ssvd+cp", "calib_samples": 512}
+    if model_id == "fashion-resnet":
+        candidates = sorted((ROOT / "models" / "fashion_resnet").glob("*.onnx"))
+        if not candidates or not FASHION_TRAIN.is_file():
+            log.warning("fashion-resnet: no ONNX model in models/fashion_resnet/ yet; row skipped")
+            return None
+        from onnxq.demo import bundled_test_set
+
+        test, labels = bundled_test_set()
+        import onnxq
+
+        name = onnxq.load(str(candidates[0])).graph.inputs[0].name
+        return {"path": str(candidates[0]), "data": _batches(_fashion_train(640), name, 64), "test": test,
+                "labels": labels, "target": 0.5, "scheme": "ssvd+cp", "calib_samples": 512}
+    raise SystemExit(f"unknown model {model_id!r}; known: {', '.join(MODELS)}")
+
+
+def _latency_pair(a: Any, b: Any, rounds: int = 3) -> tuple[dict, dict]:
+    from onnxq.compress.macs import measure_latency
+
+    best_a: dict | None = None
+    best_b: dict | None = None
+    for _ in range(rounds):
+        la = measure_latency(a, repeats=50, warmup=5)
+        lb = measure_latency(b, repeats=50, warmup=5)
+        best_a = la if best_a is None or la["median_ms"] < best_a["median_ms"] else best_a
+        best_b = lb if best_b is None or lb["median_ms"] < best_b["median_ms"] else best_b
+    return best_a, best_b
+
+
+def run_row(model_id: str, workers: int, finetune_epochs: int, cache_dir: str | None) -> dict | None:
+    import onnxq
+    from onnxq.compress import CompressConfig, compress
+
+    setup = _setup(model_id)
+    if setup is None:
+        return None
+    original = onnxq.load(setup["path"])
+    config = CompressConfig(target_macs=setup["target"], scheme=setup["scheme"], workers=workers,
+                            calib_samples=setup["calib_samples"], finetune_epochs=finetune_epochs,
+                            cache_dir=cache_dir, latency_repeats=10)
+    start = time.perf_counter()
+    result = compress(original, setup["data"], config=config)
+    seconds = time.perf_counter() - start
+    top1_fp32, pred_fp32 = _top1(original, setup["test"], setup["labels"])
+    top1, pred = _top1(result.model, setup["test"], setup["labels"])
+    lat_fp32, lat = _latency_pair(original, result.model)
+    s = result.summary
+    row = {
+        "model": model_id,
+        "scheme": setup["scheme"],
+        "target_macs": setup["target"],
+        "finetune_epochs": finetune_epochs,
+        "test_images": int(len(setup["labels"])),
+        "top1_fp32": top1_fp32,
+        "top1": top1,
+        "agreement_with_fp32": float(np.mean(pred == pred_fp32)),
+        "macs_fp32": s["before"]["macs"],
+        "macs": s["after"]["macs"],
+        "macs_ratio": s["after"]["macs"] / s["before"]["macs"],
+        "params_fp32": s["before"]["params"],
+        "params": s["after"]["params"],
+        "latency_fp32_ms": lat_fp32["median_ms"],
+        "latency_ms": lat["median_ms"],
+        "compress_seconds": seconds,
+        "proxy_score_fp32": s["before"]["score"],
+        "proxy_score": s["after"]["score"],
+        "stages": [{k: st[k] for k in ("technique", "macs_before", "target_macs", "macs_after", "reached",
+                                       "score_before", "score_after", "layers", "finetune")}
+                   for st in s["stages"]],
+        "curves": {st["technique"]: st["curves"] for st in s["stages"]},
+    }
+    return row
+
+
+def _table(rows: list[dict]) -> str:
+    head = (f"{'model':<14} {'scheme':<8} {'MACs':>7} {'params':>7} {'top-1 FP32':>10} {'top-1':>7} "
+            f"{'agree':>6} {'lat FP32':>9} {'lat':>7} {'time':>7}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['model']:<14} {r['scheme']:<8} {r['macs_ratio']:>7.3f} {r['params'] / r['params_fp32']:>7.3f} "
+            f"{r['top1_fp32']:>10.4f} {r['top1']:>7.4f} {r['agreement_with_fp32']:>6.3f} "
+            f"{r['latency_fp32_ms']:>7.2f}ms {r['latency_ms']:>5.2f}ms {r['compress_seconds']:>6.0f}s")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="effnet-lite0,fashion-mnv2,fashion-resnet")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--finetune-epochs", type=int, default=0)
+    parser.add_argument("--cache-dir", help="sweep cache (default ~/.cache/onnxq/compress)")
+    parser.add_argument("--json", default=str(RESULTS / "compress.json"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    rows = []
+    for model_id in [m.strip() for m in args.models.split(",") if m.strip()]:
+        row = run_row(model_id, args.workers, args.finetune_epochs, args.cache_dir)
+        if row is not None:
+            rows.append(row)
+            log.info("%s done in %.0f s", model_id, row["compress_seconds"])
+    print(_table(rows))
+    if args.json and rows:
+        path = Path(args.json)
+        old = json.loads(path.read_text()) if path.is_file() else {}
+        by_key = {(r["model"], r["finetune_epochs"]): r for r in old.get("rows", [])}
+        by_key.update({(r["model"], r["finetune_epochs"]): r for r in rows})
+        data = {"host": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+                "rows": sorted(by_key.values(), key=lambda r: (r["model"], r["finetune_epochs"]))}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=1, default=float))
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
