@@ -85,6 +85,7 @@ class CompressConfig:
     #: how much score (relative) a stage that cannot reach its share may lose
     stage_drop: float = 0.01
     finetune_epochs: int = 0
+    finetune_lr: float = 1e-4
     #: run the sweep as Ray tasks: "auto", "local" or a cluster address
     ray: str | None = None
     latency_repeats: int = 20
@@ -192,24 +193,28 @@ def _limit(batches: list[dict[str, np.ndarray]], count: int | None) -> list[dict
 
 
 def _finetune(student: ir.Model, teacher: ir.Model, batches: list[dict[str, np.ndarray]],
-              epochs: int, seed: int) -> tuple[ir.Model, dict]:
-    """Distillation from ``teacher`` with ``onnxq.train`` (optional, torch); skipped with a reason
-    when it is not available. Contract: ``onnxq.train.distill(student, teacher, data, epochs=,
-    seed=) -> ir.Model``."""
+              epochs: int, seed: int, lr: float) -> tuple[ir.Model, dict]:
+    """Distillation from ``teacher`` (:mod:`onnxq.compress.finetune`, on ``onnxq.train``'s
+    executor; torch); skipped with a reason when it is not available. ``onnxq.train.distill(
+    student, teacher, data, epochs=, seed=) -> ir.Model``, when that exists, is used instead."""
     if epochs <= 0:
         return student, {"status": "off"}
-    try:
-        from onnxq import train  # imports torch: only when fine-tuning is asked for
-    except ImportError as exc:
-        log.warning("fine-tuning skipped: onnxq.train is not available (%s)", exc)
-        return student, {"status": "skipped", "reason": f"onnxq.train not available ({exc})"}
-    distill = getattr(train, "distill", None)
-    if not callable(distill):
-        log.warning("fine-tuning skipped: onnxq.train has no distill()")
-        return student, {"status": "skipped", "reason": "onnxq.train has no distill()"}
+    from onnxq.compress.finetune import distill, finetune_available
+
+    problem = finetune_available()
+    if problem:
+        log.warning("fine-tuning skipped: %s", problem)
+        return student, {"status": "skipped", "reason": problem}
+    from onnxq import train
+
     start = time.perf_counter()
-    tuned = distill(student, teacher, batches, epochs=epochs, seed=seed)
-    return tuned, {"status": "done", "epochs": epochs, "seconds": time.perf_counter() - start}
+    own = getattr(train, "distill", None)
+    if callable(own):
+        tuned, info = own(student, teacher, batches, epochs=epochs, seed=seed), {"status": "done", "epochs": epochs}
+    else:
+        tuned, info = distill(student, teacher, batches, epochs=epochs, seed=seed, lr=lr)
+    info["seconds"] = time.perf_counter() - start
+    return tuned, info
 
 
 def _picklable(fn: Any) -> bool:
@@ -272,6 +277,7 @@ def compress(
         if total < 2:
             raise ConfigError("compress needs at least 2 samples (calibration + held-out) or eval_data")
         calib, held = _split(batches, total - max(1, total // 5))
+    train = calib  # fine-tuning uses every calibration sample
     calib = _limit(calib, config.calib_samples)
 
     workers = config.workers or min(2, os.cpu_count() or 1)
@@ -369,7 +375,8 @@ def compress(
                 aim -= actual - selection.predicted_macs
                 log.info("stage %s: %.2f M MACs above the prediction, choosing again", technique,
                          (actual - selection.predicted_macs) / 1e6)
-            current, tuned = _finetune(current, original, calib, config.finetune_epochs, config.seed)
+            current, tuned = _finetune(current, original, train, config.finetune_epochs, config.seed,
+                                       config.finetune_lr)
             after = count_macs(current)
             score_after, _ = score_model(current)
             by_name = cost.by_name()

@@ -201,3 +201,38 @@ def test_cli_compress_bad_scheme_is_a_clean_error(tmp_path, capsys):
     assert code == 1
     assert "unknown compression technique" in capsys.readouterr().err
     assert not (tmp_path / "o.onnx").exists()
+
+
+# ---- fine-tuning ----------------------------------------------------------------------------
+def test_distillation_brings_the_pruned_model_closer_to_the_original():
+    pytest.importorskip("torch")
+    from onnxq.compress.finetune import distill, finetune_available
+
+    if finetune_available():
+        pytest.skip(finetune_available())
+    from onnxq.compress.channel_pruning import ChannelPruning
+    from onnxq.passes.cleanup import Cleanup
+    from onnxq.runtime import run
+
+    model = tiny()
+    data = data_for(model, batches=4, n=16)
+    student = model.clone()
+    ChannelPruning(keep={"conv2": 4}, data=data)(student)
+    Cleanup()(student)
+
+    def log_softmax(z):
+        z = z.astype(np.float64) - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    def gap(m):  # the distillation objective: KL(teacher ‖ student) on the training samples
+        kl = []
+        for f in data:
+            t, s = log_softmax(run(model, f)[0]), log_softmax(run(m, f)[0])
+            kl.append(np.mean(np.sum(np.exp(t) * (t - s), -1)))
+        return float(np.mean(kl))
+
+    before = gap(student)
+    tuned, info = distill(student, model, data, epochs=5, lr=3e-3, batch_size=16)
+    assert info["status"] == "done" and info["weights"] > 0
+    assert tuned is student
+    assert gap(tuned) < 0.8 * before
