@@ -129,16 +129,21 @@ class CompressResult:
 
     def save(self, path: str | os.PathLike, summary_path: str | os.PathLike | None = None,
              overwrite: bool = False) -> dict[str, str]:
-        """Write the model and the JSON summary (default: beside it, ``<stem>.json``)."""
+        """Write the model, the JSON summary (default: beside it, ``<stem>.json``) and the HTML
+        page with the score curves (``<summary stem>.html``)."""
         import onnxq
+        from onnxq.compress.report import summary_html
 
         path = Path(path)
         summary_path = Path(summary_path) if summary_path else path.with_suffix(".json")
+        html_path = summary_path.with_suffix(".html")
         onnxq.save(self.model, path, overwrite=overwrite)
-        tmp = summary_path.with_name(f".{summary_path.name}.tmp")
-        tmp.write_text(json.dumps(self.summary, indent=1, default=_json_default))
-        tmp.replace(summary_path)
-        return {"model": str(path), "summary": str(summary_path)}
+        for target, text in ((summary_path, json.dumps(self.summary, indent=1, default=_json_default)),
+                             (html_path, summary_html(self.summary))):
+            tmp = target.with_name(f".{target.name}.tmp")
+            tmp.write_text(text)
+            tmp.replace(target)
+        return {"model": str(path), "summary": str(summary_path), "report": str(html_path)}
 
     def table(self) -> str:
         """A short text summary: MACs, params, latency, score before/after and per stage."""

@@ -187,6 +187,8 @@ def test_cli_compress_writes_model_and_summary(tmp_path, capsys):
     assert code == 0
     assert src.read_bytes() == src_bytes
     summary = json.loads((tmp_path / "small.json").read_text())
+    page = (tmp_path / "small.html").read_text()
+    assert page.count("<svg") == sum(len(st["curves"]) for st in summary["stages"]) and "conv2" in page
     assert summary["after"]["macs"] <= 0.6 * summary["before"]["macs"] * 1.005
     assert "conv4" not in summary["stages"][-1]["curves"]
     onnx.checker.check_model(onnx.load(out))
