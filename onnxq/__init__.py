@@ -6,6 +6,8 @@ Public API (pinned by tests/unit/test_public_api.py)::
     better = onnxq.optimize(model, passes=["dfq"])   # a new model; the input is left unchanged
     onnxq.save(better, "model.opt.onnx")             # atomic; never overwrites its own input
     onnxq.inspect(better).worst(5)                   # per-layer weight-range spread
+    sim = onnxq.quantize(model, calibration_data, "per-channel", passes="dfq", adaround=True)
+    onnxq.analyze(model, calibration_data, evaluate, output_dir="report/")  # diagnosis + fixes
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ __all__ = [
     "optimize",
     "inspect",
     "quantize",
+    "analyze",
     "QuantConfig",
     "QuantSpec",
     "Recipe",
@@ -71,6 +74,15 @@ def optimize(
     work = loaded.clone() if loaded is model else loaded
     run_pipeline(work, recipe)
     return work
+
+
+def analyze(model: Any, calibration_data: Any, evaluate: Any = None, **kwargs: Any) -> Any:
+    """Quantization analysis and automatic fixes: :func:`onnxq.analysis.analyzer.analyze`
+    (FP32 sanity, weights vs activations, per-layer sensitivity, ranges, a mixed-precision plan
+    that meets the allowed drop, HTML report). Imported on first use."""
+    from onnxq.analysis.analyzer import analyze as _analyze
+
+    return _analyze(model, calibration_data, evaluate, **kwargs)
 
 
 def inspect(model: Any) -> ModelSummary:

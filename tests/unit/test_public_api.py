@@ -8,7 +8,7 @@ import onnxq
 
 def test_public_api_is_pinned():
     assert sorted(onnxq.__all__) == sorted([
-        "__version__", "load", "save", "optimize", "inspect", "quantize", "QuantConfig", "QuantSpec",
+        "__version__", "load", "save", "optimize", "inspect", "quantize", "analyze", "QuantConfig", "QuantSpec",
         "Recipe", "PassSpec",
         "OnnxqError", "ModelLoadError", "ModelSaveError", "UnsupportedModelError", "ConfigError",
     ])
