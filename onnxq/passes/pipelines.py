@@ -37,13 +37,16 @@ PASSES: dict[str, str] = {
     "fold-bn": "onnxq.passes.fold_batchnorm:FoldBatchNorm",
     "cle": "onnxq.passes.cross_layer_equalization:CrossLayerEqualization",
     "high-bias-fold": "onnxq.passes.high_bias_fold:HighBiasFold",
+    "split-identity": "onnxq.passes.split_identity:SplitIdentity",
     "replace-relu6": "onnxq.passes.replace_relu6:ReplaceRelu6WithRelu",
     "cleanup": "onnxq.passes.cleanup:Cleanup",
 }
 
-#: named presets; ``dfq`` crosses bounded activations exactly (no ReLU6 → ReLU)
+#: named presets; ``dfq`` crosses bounded activations exactly (no ReLU6 → ReLU) and takes folded
+#: identity branches out of square convolutions (split-identity: PP-OCRv4 rec per-tensor CER
+#: 0.72 → 0.03)
 PRESETS: dict[str, tuple[str, ...]] = {
-    "dfq": ("fold-bn", "cle", "high-bias-fold"),
+    "dfq": ("fold-bn", "cle", "high-bias-fold", "split-identity"),
     "fold-bn": ("fold-bn",),
     "cle": ("fold-bn", "cle"),
     "none": (),
