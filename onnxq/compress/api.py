@@ -13,7 +13,8 @@ stage; the last stage goes as far as the target needs.
 Data: ``data`` is the calibration set (any form :func:`onnxq.runtime.data.as_batches` takes);
 ``eval_data`` the held-out samples of the proxy score, by default the last fifth of ``data``
 (then not used for calibration). The score is ``evaluate(session)`` when given, else the proxy
-against the uncompressed model's outputs. The input model is never modified.
+against the uncompressed model's outputs. The input model is never modified; weights held in
+``Constant`` nodes are lifted to initializers first (exact).
 """
 
 from __future__ import annotations
@@ -263,6 +264,7 @@ def compress(
         SweepSpec, candidate_layers, choose_ratios, make_pass, proxy_score, run_ratio_sweep, save_batches,
     )
     from onnxq.passes.cleanup import Cleanup
+    from onnxq.passes.lift_constants import LiftConstants
     from onnxq.runtime.session import create_session
 
     if config is None:
@@ -271,6 +273,10 @@ def compress(
         config = CompressConfig.from_dict(config)
     loaded = onnxq.load(model)
     original = loaded.clone() if loaded is model else loaded
+    # weights and bounds held in Constant nodes become initializers (exact), so that the passes
+    # see them as constants (PaddleOCR, PyTorch-exported Clip bounds)
+    LiftConstants()(original)
+    Cleanup()(original)
     user_eval = resolve_evaluator(evaluate)
 
     batches = materialize(data, original)

@@ -532,6 +532,8 @@ class ChannelPruning(OnnxqPass):
             reference = model.clone()  # the targets: this model's outputs before any pruning
         batches = None
         modified = False
+        #: original output channels still present, for layers whose outputs an earlier pruning cut
+        out_kept: dict[int, np.ndarray] = {}
         for node in targets:
             shapes = value_shapes(model)
             layer = as_layer(node)
@@ -557,11 +559,17 @@ class ChannelPruning(OnnxqPass):
                 if samples is None:
                     self.skip(node, "its samples could not be captured")
                     continue
+            if id(node) in out_kept:  # an earlier target's plan removed some of its outputs
+                samples = LayerSamples(samples.x, samples.t[:, out_kept[id(node)]])
             wc = layer.canonical().astype(np.float64)
             w3 = wc.reshape(wc.shape[0], channels, -1)
             kept = select_channels(samples, w3, layer.bias(), count, self.method)
             w_new, b_new = refit(samples, kept)
             apply_plan(graph, plan, kept)
+            for other, out, _, depthwise in plan.layers.values():
+                if out or depthwise:
+                    before = out_kept.get(id(other.node), np.arange(channels))
+                    out_kept[id(other.node)] = before[kept]
             set_constant(layer.weight, w_new.reshape((wc.shape[0], len(kept)) + wc.shape[2:]))
             layer.set_bias(graph, b_new)
             self.kept[node.name] = [int(i) for i in kept]

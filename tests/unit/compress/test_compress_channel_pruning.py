@@ -220,3 +220,33 @@ g (float[N,4,6,6] x) => (float[N,4,6,6] y) <float[4,4,1,1] w1, float[4,2,3,3] w2
     reasons = dict(p.report.skipped)
     assert not result.modified
     assert "graph input" in reasons["first"] and "grouped" in reasons["grouped"]
+
+
+STREAM = HEADER + """
+g (float[N,3,6,6] x) => (float[N,5,6,6] y)
+  <float[8,3,1,1] w0, float[8] b0, float[16,8,1,1] w1, float[16] b1, float[8,16,1,1] w2, float[8] b2,
+   float[5,8,1,1] w3, float[5] b3> {
+  s0 = Conv(x, w0, b0)
+  e = Conv(s0, w1, b1)
+  r = Relu(e)
+  p = Conv(r, w2, b2)
+  s1 = Add(s0, p)
+  y = Conv(s1, w3, b3)
+}"""
+
+
+def test_a_later_target_whose_outputs_an_earlier_plan_cut():
+    model = model_from_text(STREAM, seed=6)
+    _name_convs(model, "c0", "c1", "c2", "c3")
+    # c1 prunes the residual stream: c0's and c2's outputs follow, c3's inputs too; then c2 is
+    # pruned itself and re-fit to its 6 remaining outputs
+    out, result, p = _prune(model, keep={"c1": 6, "c2": 12}, data=_data(model))
+    assert result.modified and set(p.kept) == {"c1", "c2"}
+    nodes = {n.name: n for n in out.graph}
+    assert nodes["c0"].inputs[1].const_value.shape == (6, 3, 1, 1)
+    assert nodes["c1"].inputs[1].const_value.shape == (12, 6, 1, 1)
+    assert nodes["c2"].inputs[1].const_value.shape == (6, 12, 1, 1)
+    assert nodes["c3"].inputs[1].const_value.shape == (5, 6, 1, 1)
+    onnx.checker.check_model(ir.to_proto(out))
+    feeds = random_feeds(model, seed=11)
+    assert run(out, feeds)[0].shape == run(model, feeds)[0].shape
