@@ -147,6 +147,36 @@ def _parser() -> argparse.ArgumentParser:
     com.add_argument("--overwrite", action="store_true", help="allow writing over an existing output")
     com.add_argument("-o", "--output", required=True, help="output .onnx file")
 
+    qat = sub.add_parser("qat", help="quantization-aware training by distillation from the FP32 "
+                         "model (needs pip install onnxq[train])")
+    qat.add_argument("model", help="input float .onnx file")
+    qat.add_argument("--data", required=True,
+                     help="training data: a folder of .npy/.npz, or of images (with --preprocess); "
+                     "the first --calib-limit samples also calibrate")
+    qat.add_argument("--labels", help="optional .npy of integer class labels, one per sample")
+    qat.add_argument("--preprocess", help="image preprocessing (as for quantize)")
+    qat.add_argument("--limit", type=int, help="use at most this many images")
+    qat.add_argument("--config", default="default", help="preset or JSON config (as for quantize)")
+    qat.add_argument("--per-channel", action="store_true", help="per-channel weights")
+    qat.add_argument("--w-bits", type=int, choices=(4, 8, 16))
+    qat.add_argument("--a-bits", type=int, choices=(4, 8, 16))
+    qat.add_argument("--range", dest="range_method",
+                     choices=("minmax", "percentile", "mse", "sqnr", "entropy"))
+    qat.add_argument("--passes", default="fold-bn", help="float passes first; default fold-bn")
+    qat.add_argument("--adaround", action="store_true", help="start from AdaRound's rounding")
+    qat.add_argument("--fixed-ranges", action="store_true",
+                     help="keep the calibrated ranges (default: learn them too)")
+    qat.add_argument("--calib-limit", type=int, default=256, help="samples used to calibrate")
+    qat.add_argument("--epochs", type=int, default=1)
+    qat.add_argument("--batch-size", type=int, default=32)
+    qat.add_argument("--lr", type=float, default=1e-5, help="weights' learning rate (AdamW)")
+    qat.add_argument("--range-lr", type=float, default=1e-3, help="ranges' learning rate")
+    qat.add_argument("--no-augment", action="store_true", help="no flip/shift of image inputs")
+    qat.add_argument("--seed", type=int, default=0)
+    qat.add_argument("--checkpoint-dir", help="checkpoint after each epoch (default OUT/checkpoints)")
+    qat.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    qat.add_argument("-o", "--output", required=True, help="output folder")
+
     demo = sub.add_parser("demo", help="optimize the bundled Fashion-MNIST model and compare accuracies")
     demo.add_argument("-o", "--output", default="onnxq-demo", help="folder for the written model")
     return parser
@@ -408,6 +438,33 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_qat(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import numpy as np
+
+    from onnxq.train import TrainConfig, run_qat
+
+    args.calib = args.data
+    labels = np.load(args.labels) if args.labels else None
+    train = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, range_lr=args.range_lr,
+        augment="none" if args.no_augment else "auto", seed=args.seed, resume=args.resume,
+        checkpoint_dir=args.checkpoint_dir or str(Path(args.output) / "checkpoints"),
+    )
+    result = run_qat(args.model, _calibration_data(args), args.output, labels=labels,
+                     config=_quant_config(args), passes=args.passes, adaround=args.adaround or None,
+                     learn_ranges=not args.fixed_ranges, train=train,
+                     calibration_limit=args.calib_limit)
+    last = result["history"][-1] if result["history"] else {}
+    print(f"trained {args.model}: {len(result['history'])} epoch(s), final loss "
+          f"{last.get('loss', float('nan')):.4g}, ranges "
+          f"{'fixed' if args.fixed_ranges else 'learned'}")
+    for kind, path in result["paths"].items():
+        print(f"  {kind:<12} {path}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from onnxq.demo import run_demo
 
@@ -422,6 +479,7 @@ COMMANDS = {
     "demo": _cmd_demo,
     "analyze": _cmd_analyze,
     "compress": _cmd_compress,
+    "qat": _cmd_qat,
 }
 
 

@@ -1,0 +1,29 @@
+"""Quantization-aware training of an ONNX model (optional: needs ``pip install onnxq[train]``).
+
+``import onnxq`` never imports this package (nor torch). Here::
+
+    qat = onnxq.train.prepare(sim, learn_ranges=True)   # torch.nn.Module over sim.model itself
+    ...train qat with any torch loop, or onnxq.train.fit(...)...
+    qat.export("out/")                                  # QDQ model, float model, encodings
+
+Modules: :mod:`~onnxq.train.ops` (op registry), :mod:`~onnxq.train.fake_quant`,
+:mod:`~onnxq.train.executor` (the graph as a module), :mod:`~onnxq.train.qat` (prepare/export),
+:mod:`~onnxq.train.loop` (distillation loop).
+"""
+
+from __future__ import annotations
+
+__all__ = ["GraphModule", "QatModel", "prepare", "TrainConfig", "fit", "run_qat", "load_training_data"]
+
+try:
+    import torch  # noqa: F401
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    from onnxq.errors import ConfigError
+
+    raise ConfigError(
+        "onnxq.train needs torch: pip install 'onnxq[train]' (CPU build: pip install torch==2.13.0)"
+    ) from exc
+
+from onnxq.train.executor import GraphModule
+from onnxq.train.loop import TrainConfig, fit, load_training_data, run_qat
+from onnxq.train.qat import QatModel, prepare

@@ -1,0 +1,278 @@
+"""The built-in QAT loop: knowledge distillation from the FP32 model, labels optional.
+
+For users with no training pipeline. Each step draws a batch, augments it (image inputs: random
+horizontal flip and a random shift of up to ``shift`` of the side, edge-padded), runs the FP32
+teacher (onnxruntime, on the same augmented batch) and the QDQ student (torch), and minimizes
+
+    L = (1 − α) · L_KD(student, teacher) + α · CE(student, labels)       (α = 0 without labels)
+
+with ``L_KD = T² · KL(softmax(t/T) ‖ softmax(s/T))`` for ``[N, C]`` outputs (classifier logits)
+and the mean squared error divided by the teacher's variance otherwise (embeddings, maps).
+AdamW on the weights (``lr``) and, separately, on the quantizers' log-scales and offsets
+(``range_lr``, no weight decay), both on a cosine schedule to 0 after a linear warm-up. A
+checkpoint (``last.pt`` and ``epoch<N>.pt``) is written after each epoch; ``resume=True``
+continues from ``last.pt``. Shuffling and augmentation draw from one generator seeded by
+``seed``, so a run is repeatable on the same machine and thread count.
+"""
+
+from __future__ import annotations
+
+__all__ = ["TrainConfig", "fit", "load_training_data", "run_qat"]
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from onnxq.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 1e-5
+    range_lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup: float = 0.05
+    temperature: float = 1.0
+    #: weight of the label loss when labels are given (0 = distillation only)
+    label_weight: float = 0.5
+    #: "kl" (logits), "mse" (normalized) or "auto" (kl for 2-D outputs, else mse)
+    distill: str = "auto"
+    #: "auto": flip + shift for NCHW image inputs (1 or 3 channels, ≥ 16 px); "none"; "shift"
+    augment: str = "auto"
+    shift: float = 0.125
+    seed: int = 0
+    max_steps: int | None = None
+    checkpoint_dir: str | None = None
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError("epochs and batch_size must be at least 1")
+        if self.distill not in ("auto", "kl", "mse"):
+            raise ConfigError(f"distill '{self.distill}' is not one of auto, kl, mse")
+        if self.augment not in ("auto", "none", "shift", "flip"):
+            raise ConfigError(f"augment '{self.augment}' is not one of auto, none, shift, flip")
+
+
+def load_training_data(data: Any, model: Any) -> dict[str, np.ndarray]:
+    """All samples of ``data`` (any form :func:`onnxq.runtime.data.as_batches` accepts: arrays,
+    ``{input: array}`` batches, a ``.npy``/``.npz`` folder, an ImageFolder) as one array per
+    input, validated against the model's input names, types and shapes."""
+    from onnxq.runtime.data import as_batches
+
+    if isinstance(data, Mapping) and all(isinstance(v, np.ndarray) for v in data.values()):
+        data = [dict(data)]
+    parts: dict[str, list[np.ndarray]] = {}
+    for batch in as_batches(data, model):
+        for k, v in batch.items():
+            parts.setdefault(k, []).append(v)
+    out = {k: np.concatenate(v) for k, v in parts.items()}
+    sizes = {len(v) for v in out.values()}
+    if len(sizes) != 1:
+        raise ConfigError(f"the inputs hold different numbers of samples: {sizes}")
+    return out
+
+
+def _is_image(x: np.ndarray) -> bool:
+    return x.ndim == 4 and x.dtype == np.float32 and x.shape[1] in (1, 3) and min(x.shape[2:]) >= 16
+
+
+def _augment(x: torch.Tensor, mode: str, shift: float, gen: torch.Generator) -> torch.Tensor:
+    """Random horizontal flip (per sample) and one random shift per batch, edge-padded."""
+    if mode in ("auto", "flip"):
+        flip = torch.rand(len(x), generator=gen) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    if mode in ("auto", "shift") and shift > 0:
+        h, w = x.shape[2], x.shape[3]
+        ph, pw = max(1, int(h * shift)), max(1, int(w * shift))
+        dy = int(torch.randint(-ph, ph + 1, (1,), generator=gen))
+        dx = int(torch.randint(-pw, pw + 1, (1,), generator=gen))
+        x = F.pad(x, (pw, pw, ph, ph), mode="replicate")[:, :, ph + dy:ph + dy + h, pw + dx:pw + dx + w]
+    return x
+
+
+def _distill_loss(s: torch.Tensor, t: torch.Tensor, mode: str, temperature: float) -> torch.Tensor:
+    if mode == "kl" or (mode == "auto" and s.ndim == 2 and s.shape[1] > 1):
+        T = temperature
+        return F.kl_div(F.log_softmax(s / T, dim=1), F.log_softmax(t / T, dim=1),
+                        reduction="batchmean", log_target=True) * T * T
+    return F.mse_loss(s, t) / (t.var() + 1e-12)
+
+
+def _teacher(model: Any) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
+    from onnxq.runtime.session import create_session
+
+    # as many onnxruntime threads as torch uses: more would spin against torch's own threads
+    session = create_session(model, optimize=True, threads=torch.get_num_threads())
+    return lambda feeds: session.run(None, feeds)
+
+
+def fit(
+    qat: Any,
+    data: Any,
+    labels: np.ndarray | None = None,
+    config: TrainConfig = TrainConfig(),
+    *,
+    teacher: Any = None,
+    callback: Callable[[int, dict[str, float]], dict[str, float] | None] | None = None,
+) -> list[dict[str, float]]:
+    """Train ``qat`` (from :func:`onnxq.train.prepare`) by distillation; returns per-epoch logs.
+
+    ``teacher``: an ``onnx_ir.Model`` (default: the simulation's FP32 model) or a function
+    ``feeds → outputs``. ``callback(epoch, log)`` may return extra numbers to log (e.g. accuracy).
+    """
+    arrays = load_training_data(data, qat.sim.fp32_model)
+    names = qat.input_names
+    n = len(next(iter(arrays.values())))
+    if labels is not None:
+        labels = np.asarray(labels).astype(np.int64).reshape(-1)
+        if len(labels) != n:
+            raise ConfigError(f"{len(labels)} labels for {n} samples")
+    run_teacher = teacher if callable(teacher) else _teacher(teacher or qat.sim.fp32_model)
+    images = {k for k, v in arrays.items() if _is_image(v)} if config.augment != "none" else set()
+
+    weights = qat.weight_parameters()
+    ranges = qat.range_parameters()
+    groups = [{"params": weights, "lr": config.lr, "weight_decay": config.weight_decay}]
+    if ranges:
+        groups.append({"params": ranges, "lr": config.range_lr, "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups)
+    steps_per_epoch = -(-n // config.batch_size)
+    total = config.epochs * steps_per_epoch
+    if config.max_steps is not None:
+        total = min(total, config.max_steps)
+    warm = max(1, int(config.warmup * total))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    gen = torch.Generator().manual_seed(config.seed)
+    ckpt = Path(config.checkpoint_dir) if config.checkpoint_dir else None
+    start_epoch, step, history = 0, 0, []
+    if ckpt is not None and config.resume and (ckpt / "last.pt").exists():
+        state = torch.load(ckpt / "last.pt", weights_only=False)
+        qat.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"])
+        start_epoch, step, history = state["epoch"], state["step"], state["history"]
+        log.info("resumed from %s (epoch %d, step %d)", ckpt / "last.pt", start_epoch, step)
+
+    tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
+    y_all = torch.from_numpy(labels) if labels is not None else None
+    alpha = config.label_weight if labels is not None else 0.0
+    qat.train()
+    for epoch in range(start_epoch, config.epochs):
+        if step >= total:
+            break
+        t0 = time.time()
+        perm = torch.randperm(n, generator=gen)
+        bar = None
+        if config.progress:
+            try:
+                from tqdm import tqdm
+
+                bar = tqdm(total=min(steps_per_epoch, total - step), desc=f"QAT epoch {epoch + 1}",
+                           unit="step", leave=False)
+            except ImportError:
+                bar = None
+        running, seen = 0.0, 0
+        for i in range(steps_per_epoch):
+            if step >= total:
+                break
+            idx = perm[i * config.batch_size:(i + 1) * config.batch_size]
+            feeds = {}
+            for k in names:
+                x = tensors[k][idx]
+                feeds[k] = _augment(x, config.augment, config.shift, gen) if k in images else x
+            target = run_teacher({k: v.numpy() for k, v in feeds.items()})
+            out = qat(feeds)
+            outs = out if isinstance(out, tuple) else (out,)
+            loss = sum(_distill_loss(s, torch.from_numpy(np.asarray(t)), config.distill,
+                                     config.temperature) for s, t in zip(outs, target))
+            loss = loss * (1 - alpha)
+            if alpha:
+                loss = loss + alpha * F.cross_entropy(outs[0], y_all[idx])  # type: ignore[index]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            running += float(loss.detach()) * len(idx)
+            seen += len(idx)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{running / seen:.4f}")
+        if bar is not None:
+            bar.close()
+        entry = {"epoch": epoch + 1, "loss": running / max(seen, 1), "steps": step,
+                 "seconds": time.time() - t0}
+        if callback is not None:
+            qat.eval()
+            entry.update(callback(epoch + 1, entry) or {})
+            qat.train()
+        history.append(entry)
+        log.info("QAT epoch %d/%d: %s", epoch + 1, config.epochs,
+                 ", ".join(f"{k} {v:.4g}" for k, v in entry.items() if k != "epoch"))
+        if ckpt is not None:
+            ckpt.mkdir(parents=True, exist_ok=True)
+            state = {"model": qat.state_dict(), "optimizer": opt.state_dict(),
+                     "scheduler": sched.state_dict(), "generator": gen.get_state(),
+                     "epoch": epoch + 1, "step": step, "history": history}
+            tmp = ckpt / "last.pt.tmp"
+            torch.save(state, tmp)
+            os.replace(tmp, ckpt / "last.pt")
+            torch.save(state, ckpt / f"epoch{epoch + 1}.pt")
+    qat.eval()
+    return history
+
+
+def run_qat(
+    model: Any,
+    data: Any,
+    out_dir: str | os.PathLike,
+    *,
+    labels: np.ndarray | None = None,
+    config: Any = "default",
+    passes: Any = "fold-bn",
+    adaround: Any = None,
+    learn_ranges: bool = True,
+    train: TrainConfig = TrainConfig(),
+    calibration_limit: int | None = 256,
+) -> dict[str, Any]:
+    """File to file: quantize ``model`` (calibrating on the first ``calibration_limit`` samples
+    of ``data``, optionally with AdaRound), prepare, train by distillation, export to ``out_dir``.
+
+    Nothing is written to ``out_dir`` unless training finished (checkpoints go to
+    ``train.checkpoint_dir``). Returns ``{"paths": …, "history": …}``.
+    """
+    import onnxq
+    from onnxq.train.qat import prepare
+
+    float_model = onnxq.load(model)
+    arrays = load_training_data(data, float_model)
+    n = len(next(iter(arrays.values())))
+    k = min(n, calibration_limit or n)
+    calib = [{name: v[i:i + 32] for name, v in arrays.items()} for i in range(0, k, 32)]
+    sim = onnxq.quantize(float_model, calib, config=config, passes=passes, adaround=adaround)
+    module = prepare(sim, learn_ranges=learn_ranges)
+    history = fit(module, arrays, labels, train)
+    paths = module.export(out_dir, Path(str(model)).stem if isinstance(model, (str, os.PathLike)) else "model")
+    return {"paths": paths, "history": history, "sim": sim}

@@ -1,0 +1,60 @@
+"""``onnxq qat``: flags → quantize → distill → export; bad data fails with one line, no output."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import model_from_text
+
+pytest.importorskip("torch")
+
+import onnxq  # noqa: E402
+from onnxq.cli import main  # noqa: E402
+
+TINY = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,3,8,8] image) => (float[N,10] logits)
+  <float[8,3,3,3] w1, float[8] b1, float[10,8] fc, float[10] fcb> {
+    c1 = Conv <pads=[1,1,1,1]> (image, w1, b1)
+    r1 = Relu (c1)
+    p = GlobalAveragePool (r1)
+    f = Flatten (p)
+    logits = Gemm <transB=1> (f, fc, fcb)
+}"""
+
+
+@pytest.fixture()
+def files(tmp_path):
+    model = tmp_path / "tiny.onnx"
+    onnxq.save(model_from_text(TINY, seed=2), model)
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        np.save(data / f"batch{i}.npy", rng.standard_normal((16, 3, 8, 8)).astype(np.float32))
+    labels = tmp_path / "labels.npy"
+    np.save(labels, rng.integers(0, 10, 32))
+    return model, data, labels, tmp_path / "out"
+
+
+def test_qat_command_writes_the_trained_model(files, capsys) -> None:
+    model, data, labels, out = files
+    code = main(["qat", str(model), "--data", str(data), "--labels", str(labels), "--epochs", "2",
+                 "--batch-size", "8", "--per-channel", "--w-bits", "4", "--a-bits", "8",
+                 "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert (out / "tiny.qdq.onnx").is_file() and (out / "tiny.encodings.json").is_file()
+    assert (out / "checkpoints" / "last.pt").is_file()
+    qdq = onnxq.load(out / "tiny.qdq.onnx")
+    assert any(n.op_type == "QuantizeLinear" for n in qdq.graph)
+    assert "trained" in capsys.readouterr().out
+
+
+def test_qat_command_with_wrong_data_fails_in_one_line(files, capsys, tmp_path) -> None:
+    model, _, _, out = files
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    np.save(bad / "b.npy", np.zeros((4, 1, 8, 8), np.float32))  # one channel, not three
+    code = main(["qat", str(model), "--data", str(bad), "-o", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err.startswith("onnxq: error:") and "\n" not in err
+    assert not out.exists()
