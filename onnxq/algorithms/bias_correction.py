@@ -9,10 +9,12 @@ Quantization"). The correction subtracts it from the bias, ``b ← b − E[y_q �
   are already corrected (activations quantized as configured), ``y`` from the float model.
 * **analytic** (data-free): ``E[x_c]`` from the BatchNorm statistics BN folding kept on the layer
   that produces ``x`` (``node.meta["onnxq.bn_stats"]``: its pre-activation output channel ``c`` is
-  taken as ``N(β_c, γ_c²)``), through that layer's activation as a clipped Gaussian:
+  taken as ``N(β_c, γ_c²)``), through the ops between that layer and ``x`` (its activation,
+  CLE's per-channel ``Min(·, 6/s)``, a zero Pad) as a clipped Gaussian:
   ``E[clip(z, a, b)] = a·Φ(α) + b·(1 − Φ(β')) + μ·(Φ(β') − Φ(α)) + σ·(φ(α) − φ(β'))`` with
-  ``α = (a − μ)/σ``, ``β' = (b − μ)/σ`` (Relu: ``a = 0, b = ∞``; Relu6: ``[0, 6]``; none:
-  ``E = μ``). Layers without such statistics are left alone (logged).
+  ``α = (a − μ)/σ``, ``β' = (b − μ)/σ`` (Relu: ``a = 0, b = ∞``; Relu6: ``[0, 6]``; after CLE
+  ``[0, 6/s_c]`` per channel; none: ``E = μ``). Layers without such statistics are left alone
+  (logged).
 * **hybrid**: analytic where statistics exist, empirical elsewhere (needs data).
 """
 
@@ -32,9 +34,9 @@ from scipy import special
 
 from onnxq.algorithms._capture import _exposed, materialize
 from onnxq.algorithms._driver import _widen_int4
-from onnxq.algorithms._layers import Layer, find_layers, quantized_layer_map
+from onnxq.algorithms._layers import Layer, _channel_vector, find_layers, quantized_layer_map
 from onnxq.errors import ConfigError
-from onnxq.passes._graph import BN_STATS_KEY, constant, is_op, set_constant
+from onnxq.passes._graph import BN_STATS_KEY, attr, clip_bounds, constant, is_op, set_constant
 from onnxq.runtime.session import create_session
 
 log = logging.getLogger(__name__)
@@ -54,59 +56,122 @@ class BiasCorrectionConfig:
             raise ConfigError(f"bias correction mode '{self.mode}' is not one of {', '.join(MODES)}")
 
 
-def clipped_normal_mean(mu: np.ndarray, sigma: np.ndarray, lo: float | None, hi: float | None) -> np.ndarray:
-    """E[clip(z, lo, hi)] for z ~ N(mu, sigma²) (None: unbounded on that side)."""
+def clipped_normal_mean(mu: np.ndarray, sigma: np.ndarray, lo: Any, hi: Any) -> np.ndarray:
+    """E[clip(z, lo, hi)] for z ~ N(mu, sigma²); ``lo`` / ``hi`` scalars or per-channel arrays
+    (None or ∓∞: unbounded on that side)."""
     mu = np.asarray(mu, np.float64)
     sigma = np.maximum(np.asarray(sigma, np.float64), 1e-12)
-    a = -np.inf if lo is None else lo
-    b = np.inf if hi is None else hi
+    a = np.broadcast_to(np.asarray(-np.inf if lo is None else lo, np.float64), mu.shape)
+    b = np.broadcast_to(np.asarray(np.inf if hi is None else hi, np.float64), mu.shape)
     alpha = (a - mu) / sigma
     beta = (b - mu) / sigma
     cdf_a, cdf_b = special.ndtr(alpha), special.ndtr(beta)
     pdf = lambda t: np.where(np.isfinite(t), np.exp(-0.5 * np.square(np.where(np.isfinite(t), t, 0))) / np.sqrt(2 * np.pi), 0.0)  # noqa: E731
     mean = mu * (cdf_b - cdf_a) + sigma * (pdf(alpha) - pdf(beta))
-    if lo is not None:
-        mean = mean + a * cdf_a
-    if hi is not None:
-        mean = mean + b * (1 - cdf_b)
+    mean = mean + np.where(np.isfinite(a), np.where(np.isfinite(a), a, 0) * cdf_a, 0.0)
+    mean = mean + np.where(np.isfinite(b), np.where(np.isfinite(b), b, 0) * (1 - cdf_b), 0.0)
     return mean
 
 
-def _bounds(kind: str, params: tuple) -> tuple[float | None, float | None] | None:
-    if kind == "identity":
-        return (None, None)
-    if kind == "relu":
-        return (0.0, None)
-    if kind == "clip":
-        return params
-    return None
+def _zero_pad(node: ir.Node) -> bool:
+    mode = attr(node, "mode", "constant")
+    if isinstance(mode, bytes):
+        mode = mode.decode()
+    if mode != "constant":
+        return False
+    value = node.inputs[2] if len(node.inputs) > 2 else None
+    if value is None:
+        return float(attr(node, "value", 0.0)) == 0.0
+    c = constant(value)
+    return c is not None and c.size == 1 and float(c.reshape(())) == 0.0
 
 
 def _input_mean(layer: Layer, layers_by_output: dict[int, Layer]) -> np.ndarray | str:
-    """E[x] per input channel from the producer's BN statistics, or why not."""
-    x = layer.input
-    producer_layer = None
-    node = x.producer()
-    # x is the producer's output directly, or after its activation
-    if node is not None and id(node.outputs[0]) in layers_by_output:
-        producer_layer = layers_by_output[id(node.outputs[0])]
-        kind, params = "identity", ()
-    elif node is not None and node.inputs and node.inputs[0] is not None and id(node.inputs[0]) in layers_by_output:
-        producer_layer = layers_by_output[id(node.inputs[0])]
-        kind, params = producer_layer.activation.kind, producer_layer.activation.params
-        if kind == "identity":
-            return f"'{node.op_type}' between '{producer_layer.name}' and the layer is not an activation"
-    if producer_layer is None:
-        return "its input is not the output of a layer with folded BatchNorm"
+    """E[x] per input channel from the BN statistics of the layers that compute ``x``, or why not.
+
+    Walking back from ``x``: Relu, Clip, Min / Max with a scalar or per-channel constant (CLE
+    turns ReLU6 into ``Relu → Min(·, 6/s)``), Identity and a zero-constant Pad (its zeros at the
+    border are left out) clip the Gaussian pre-activation ``N(β_c, γ_c²)`` of the producing
+    layer to ``[lo_c, hi_c]``; a residual ``Add`` adds the means of its two inputs (each traced
+    the same way); global average pooling, ReduceMean over the spatial axes and
+    Reshape / Flatten / Squeeze to ``(N, C)`` keep the per-channel mean.
+    """
+    channel_last = layer.op_type not in ("Conv", "ConvTranspose")
+    return _value_mean(layer.input, layer.weight_layer.in_channels, channel_last, layers_by_output, 0)
+
+
+_POOLS = ("GlobalAveragePool", "ReduceMean", "Reshape", "Flatten", "Squeeze")
+
+
+def _value_mean(v: ir.Value | None, channels: int, channel_last: bool,
+                layers_by_output: dict[int, Layer], depth: int) -> np.ndarray | str:
+    lo = np.full(channels, -np.inf)
+    hi = np.full(channels, np.inf)
+    for _ in range(32):
+        if v is None:
+            return "its input has no producer"
+        if id(v) in layers_by_output:
+            break
+        node = v.producer()
+        if node is None:
+            return "its input is not computed from layers with folded BatchNorm"
+        op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+        bounded = bool(np.isfinite(lo).any() or np.isfinite(hi).any())
+        if op == "Relu":
+            lo = np.maximum(lo, 0.0)
+        elif op == "Clip":
+            bounds = clip_bounds(node)
+            if isinstance(bounds, str):
+                return f"Clip '{node.name}': {bounds}"
+            if bounds[0] is not None:
+                lo = np.maximum(lo, bounds[0])
+            if bounds[1] is not None:
+                hi = np.minimum(hi, bounds[1])
+        elif op in ("Min", "Max") and len(node.inputs) == 2:
+            consts = [constant(i) for i in node.inputs]
+            k = 0 if consts[1] is not None else 1 if consts[0] is not None else None
+            if k is None:
+                return f"'{node.name}' ({op}) has no constant operand"
+            vec = _channel_vector(consts[1 - k], channels, channel_last)
+            if vec is None:
+                return f"'{node.name}' ({op}): the constant is not per channel"
+            if op == "Min":
+                hi = np.minimum(hi, vec)
+            else:
+                lo = np.maximum(lo, vec)
+            v = node.inputs[k]
+            continue
+        elif op == "Pad":
+            if not _zero_pad(node):
+                return f"Pad '{node.name}' does not pad with zeros"
+        elif op == "Add" and len(node.inputs) == 2 and depth < 8:
+            if bounded:
+                return f"a clip after the Add '{node.name}'"
+            parts = [_value_mean(i, channels, channel_last, layers_by_output, depth + 1) for i in node.inputs]
+            for part in parts:
+                if isinstance(part, str):
+                    return f"Add '{node.name}': {part}"
+            return parts[0] + parts[1]
+        elif op in _POOLS:
+            if bounded:
+                return f"a clip after '{op}' '{node.name}'"
+            channel_last = False
+        elif op not in ("Identity", "Dropout"):
+            return f"'{op}' between the producing layer and the layer is not an activation"
+        v = node.inputs[0]
+    else:
+        return "no layer within 32 ops before the input"
+    producer_layer = layers_by_output[id(v)]
     stats = producer_layer.node.meta.get(BN_STATS_KEY)
     if stats is None:
         return f"'{producer_layer.name}' has no BatchNorm statistics (run fold-bn first)"
-    bounds = _bounds(kind, params)
-    if bounds is None:
-        return f"activation '{kind}' has no clipped-Gaussian mean"
+    if np.any(lo > hi):
+        return "empty clip interval"
     gamma = np.abs(np.asarray(stats["gamma"], np.float64))
     beta = np.asarray(stats["beta"], np.float64)
-    return clipped_normal_mean(beta, gamma, *bounds)
+    if beta.shape != (channels,):
+        return f"BatchNorm statistics of '{producer_layer.name}' have {beta.size} channels, not {channels}"
+    return clipped_normal_mean(beta, gamma, lo, hi)
 
 
 def _quantized_weight(layer: Layer, enc: Any) -> np.ndarray:

@@ -88,3 +88,47 @@ def test_empirical_mode_without_data_is_a_clear_error():
     sim = onnxq.quantize(model, data)
     with pytest.raises(onnxq.errors.ConfigError, match="needs calibration data"):
         bias_correction(sim, mode="empirical")
+
+
+def test_analytic_input_mean_walks_cle_clips_pads_residual_adds_and_pooling():
+    """E[x] through ``Relu → Min(·, c_ch)`` (CLE's ReLU6), a zero Pad, a residual Add (sum of the
+    branch means), and GlobalAveragePool → Flatten before a Gemm; Monte Carlo on the Gaussians
+    that BN statistics describe. A clip after an Add is refused with a reason."""
+    from onnxq.algorithms._layers import find_layers
+    from onnxq.algorithms.bias_correction import _input_mean
+    from onnxq.passes._graph import BN_STATS_KEY
+
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N,3,8,8] x) => (float[N,4,8,8] d, float[N,4,8,8] f, float[N,5] y, float[N,4,8,8] k) <float[4,3,1,1] w1, float[4] b1, float[4,1,1] c, int64[8] pads, float[4,1,3,3] w2, float[4] b2, float[4,3,1,1] w3, float[4] b3, float[4,4,1,1] w4, float[4] b4, float[4,5] wfc, float[5] bfc, float[4,4,1,1] w5, float[4] b5> {
+        a = Conv (x, w1, b1)
+        r = Relu (a)
+        m = Min (r, c)
+        p = Pad (m, pads)
+        d = Conv <group = 4> (p, w2, b2)
+        e = Conv (x, w3, b3)
+        s = Add (a, e)
+        f = Conv (s, w4, b4)
+        gp = GlobalAveragePool (m)
+        h = Flatten (gp)
+        y = Gemm (h, wfc, bfc)
+        rs = Relu (s)
+        k = Conv (rs, w5, b5)
+    }"""
+    rng = np.random.default_rng(0)
+    cvec = np.array([6.0, 1.5, 3.0, 0.7], np.float32)
+    model = model_from_text(text, c=cvec.reshape(4, 1, 1), pads=np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64))
+    beta1, gamma1 = np.array([1.0, -0.5, 2.0, 0.3]), np.array([2.0, 1.0, 0.5, 1.5])
+    beta3, gamma3 = np.array([0.2, 0.1, -1.0, 4.0]), np.array([1.0, 1.0, 1.0, 1.0])
+    convs = {n.outputs[0].name: n for n in model.graph if n.op_type == "Conv"}
+    convs["a"].meta[BN_STATS_KEY] = {"gamma": gamma1, "beta": beta1}
+    convs["e"].meta[BN_STATS_KEY] = {"gamma": gamma3, "beta": beta3}
+    layers = {layer.output.name: layer for layer in find_layers(model)[0]}
+    by_output = {id(layer.output): layer for layer in layers.values()}
+    z = rng.standard_normal((400_000, 4)) * gamma1 + beta1
+    clipped = np.minimum(np.maximum(z, 0), cvec).mean(axis=0)
+    np.testing.assert_allclose(_input_mean(layers["d"], by_output), clipped, atol=0.01)
+    np.testing.assert_allclose(_input_mean(layers["y"], by_output), clipped, atol=0.01)
+    np.testing.assert_allclose(_input_mean(layers["f"], by_output), beta1 + beta3, atol=1e-9)
+    reason = _input_mean(layers["k"], by_output)
+    assert isinstance(reason, str) and "clip after the Add" in reason
