@@ -116,64 +116,6 @@ def _channel_vector(arr: np.ndarray, channels: int, channel_axis_last: bool) -> 
     return arr.reshape(-1) if squeezed == [channels] else None
 
 
-def _activation_output(value: ir.Value, act: Activation) -> ir.Value | None:
-    """The value after the activation ``act`` found by :func:`_activation_after` (None if the
-    layer's output has several readers)."""
-    users = [u.node for u in value.uses()]
-    if act.kind == "identity":
-        return value if len(users) == 1 else None
-    if act.kind in ("swish", "hard_swish") and len(users) == 2:
-        mul = next(n for n in users if is_op(n, "Mul"))
-        return mul.outputs[0]
-    return users[0].outputs[0] if len(users) == 1 else None
-
-
-def downstream_map(value: ir.Value | None, channels: int) -> tuple[str, np.ndarray] | None:
-    """How the next layer weighs this layer's (activated) output channels, for a loss measured
-    after that layer: ``("matrix", P)`` with ``PᵀP = Σ_taps W_tapᵀ W_tap`` for a Conv (group 1),
-    Gemm or MatMul reading the value alone, or ``("diag", d)`` with ``d_c² = Σ_taps w_c²`` for a
-    depthwise Conv; scaled so that ``‖P‖²_F = C`` (the loss keeps its size). None when the value
-    has several readers, is a graph output, or its reader is anything else."""
-    if value is None or value.is_graph_output():
-        return None
-    node = sole_consumer(value)
-    if node is None or node.inputs[0] is not value:
-        return None
-    wl = as_layer(node)
-    if isinstance(wl, str) or wl.weight.const_value is None:
-        return None
-    w = wl.weight.const_value.numpy().astype(np.float64)
-    if node.op_type == "Conv":
-        g = int(attr(node, "group", 1))
-        if g == 1 and w.shape[1] == channels:
-            taps = np.moveaxis(w.reshape(w.shape[0], channels, -1), 2, 0)  # (k, O, C)
-            if taps.shape[0] == 1:
-                p = taps[0]
-            else:
-                gram = np.einsum("koc,kod->cd", taps, taps)
-                vals, vecs = np.linalg.eigh(gram)
-                p = (vecs * np.sqrt(np.clip(vals, 0, None))).T
-            kind = "matrix"
-        elif g == channels and w.shape[0] == channels and w.shape[1] == 1:
-            p = np.sqrt(np.sum(w.reshape(channels, -1) ** 2, axis=1))
-            kind = "diag"
-        else:
-            return None
-    elif node.op_type in ("Gemm", "MatMul"):
-        if node.op_type == "Gemm" and attr(node, "transA", 0):
-            return None
-        mat = w.T if node.op_type == "Gemm" and attr(node, "transB", 0) else w  # (C, O)
-        if mat.ndim != 2 or mat.shape[0] != channels:
-            return None
-        p, kind = mat.T, "matrix"
-    else:
-        return None
-    norm = float(np.sum(p**2))
-    if not np.isfinite(norm) or norm <= 0:
-        return None
-    return kind, (p * math.sqrt(channels / norm)).astype(np.float32)
-
-
 def _activation_after(value: ir.Value, channels: int, channel_last: bool) -> Activation:
     users = [u.node for u in value.uses()]
     if value.is_graph_output() or not users:
@@ -227,8 +169,6 @@ class Layer:
     dilations: tuple[int, ...] = ()
     alpha: float = 1.0
     trans_a: bool = False
-    #: the next layer's weighting of this layer's activated outputs (:func:`downstream_map`)
-    downstream: tuple[str, np.ndarray] | None = None
 
     @property
     def name(self) -> str:
@@ -359,14 +299,12 @@ def find_layers(model: ir.Model, names: set[str] | None = None) -> tuple[list[La
                 skipped.append((node.name or "", geo))
                 continue
             act = _activation_after(wl.output, channels, channel_last=False)
-            down = downstream_map(_activation_output(wl.output, act), channels)
-            layers.append(Layer(node, wl, act, *geo, downstream=down))
+            layers.append(Layer(node, wl, act, *geo))
         else:
             trans_a = bool(attr(node, "transA", 0)) if op == "Gemm" else False
             alpha = float(attr(node, "alpha", 1.0)) if op == "Gemm" else 1.0
             act = _activation_after(wl.output, channels, channel_last=True)
-            down = downstream_map(_activation_output(wl.output, act), channels)
-            layers.append(Layer(node, wl, act, alpha=alpha, trans_a=trans_a, downstream=down))
+            layers.append(Layer(node, wl, act, alpha=alpha, trans_a=trans_a))
     return layers, skipped
 
 

@@ -57,9 +57,6 @@ class AdaRoundConfig:
     lr: float = 5e-3
     #: inputs from the model with activations quantized (False: weights-only model)
     act_quant: bool = True
-    #: measure the reconstruction error after the next layer's weights where a single linear
-    #: layer reads this one (its weighting ``P`` of the channels: ``‖(f(ỹ) − f(y))·Pᵀ‖²``)
-    downstream: bool = False
     #: use at most this many calibration samples (None: all)
     max_samples: int | None = None
     memory_budget_mb: float = 1024.0
@@ -128,30 +125,12 @@ def _backward(x: np.ndarray, dy: np.ndarray, shape: tuple[int, int, int]) -> np.
     return np.einsum("rgo,rgk->gok", dy.reshape(-1, g, o), x)
 
 
-def _weigh(err: np.ndarray, down: tuple[str, np.ndarray] | None) -> np.ndarray:
-    """The error as the next layer sees it: ``err·Pᵀ`` (or ``err·diag(d)``)."""
-    if down is None:
-        return err
-    kind, p = down
-    return err * p if kind == "diag" else err @ p.T
-
-
-def _unweigh(grad: np.ndarray, down: tuple[str, np.ndarray] | None) -> np.ndarray:
-    """Back through :func:`_weigh`: ``grad·P``."""
-    if down is None:
-        return grad
-    kind, p = down
-    return grad * p if kind == "diag" else grad @ p
-
-
-def reconstruction_loss(job: LayerJob, w: np.ndarray, rows: np.ndarray | None = None,
-                        down: tuple[str, np.ndarray] | None = None) -> float:
-    """mean over rows of ‖(f(w·x + b) − target)·Pᵀ‖² (all rows when ``rows`` is None; ``P`` the
-    identity when ``down`` is None)."""
+def reconstruction_loss(job: LayerJob, w: np.ndarray, rows: np.ndarray | None = None) -> float:
+    """mean over rows of ‖f(w·x + b) − target‖² (all rows when ``rows`` is None)."""
     x = job.inputs if rows is None else job.inputs[rows]
     t = np.asarray(job.target if rows is None else job.target[rows])
     act: Activation = job.layer.activation
-    err = _weigh(act(_forward(x, w.astype(np.float32)) + job.bias) - t, down)
+    err = act(_forward(x, w.astype(np.float32)) + job.bias) - t
     return float(np.mean(np.sum(err.astype(np.float64) ** 2, axis=1)))
 
 
@@ -159,10 +138,9 @@ class _Problem:
     """The AdaRound objective of one layer on a minibatch, and its gradient in ``V``."""
 
     def __init__(self, const: np.ndarray, slope: np.ndarray, bias: np.ndarray, act: Activation,
-                 shape: tuple[int, int, int], reg: float,
-                 down: tuple[str, np.ndarray] | None = None) -> None:
+                 shape: tuple[int, int, int], reg: float) -> None:
         self.const, self.slope, self.bias, self.act = const, slope, bias, act
-        self.shape, self.reg, self.down = shape, reg, down
+        self.shape, self.reg = shape, reg
 
     def loss_and_grad(self, v: np.ndarray, x: np.ndarray, t: np.ndarray,
                       beta: float | None, with_loss: bool = False) -> tuple[float, np.ndarray]:
@@ -174,10 +152,9 @@ class _Problem:
         wq += self.const
         y = _forward(x, wq)
         y += self.bias
-        err = _weigh(self.act(y) - t, self.down)
+        err = self.act(y) - t
         rows = x.shape[0]
         loss = float(np.einsum("ro,ro->", err, err, dtype=np.float64)) / rows if with_loss else math.nan
-        err = _unweigh(err, self.down)
         err *= self.act.grad(y)
         err *= np.float32(2.0 / rows)
         dh = _backward(x, err, self.shape)
@@ -213,15 +190,14 @@ def round_layer(job: LayerJob, cfg: AdaRoundConfig) -> Solution:
     batch = min(cfg.batch_rows, rows)
     rng = job.rng
     nearest = np.clip(np.rint(w_s) + z, lo, hi)
-    down = job.layer.downstream if cfg.downstream else None
-    loss_nearest = reconstruction_loss(job, ((nearest - z) * s).astype(np.float32), down=down)
+    loss_nearest = reconstruction_loss(job, ((nearest - z) * s).astype(np.float32))
     # rows shuffled once, then read in contiguous minibatches (a gather per step costs more
     # than the step's arithmetic on wide depthwise layers)
     order = rng.permutation(rows)
     xs = job.inputs[order]
     ts = np.asarray(job.target)[order]
     start = 0
-    problem = _Problem(const, slope, job.bias, act, w.shape, cfg.reg, down)
+    problem = _Problem(const, slope, job.bias, act, w.shape, cfg.reg)
     for it in range(cfg.iterations):
         if start + batch > rows:
             start = 0
@@ -237,7 +213,7 @@ def round_layer(job: LayerJob, cfg: AdaRoundConfig) -> Solution:
         step = cfg.lr * math.sqrt(1 - b2 ** (it + 1)) / (1 - b1 ** (it + 1))
         v -= np.float32(step) * m / (np.sqrt(sq) + np.float32(eps))
     codes = np.clip(base + (v >= 0), lo, hi).astype(np.int64)
-    loss = reconstruction_loss(job, ((codes - z) * s).astype(np.float32), down=down)
+    loss = reconstruction_loss(job, ((codes - z) * s).astype(np.float32))
     info = {"loss_nearest": round(loss_nearest, 6), "loss": round(loss, 6)}
     if loss > loss_nearest:  # never worse than nearest rounding on the layer's own loss
         info["kept"] = "nearest"
