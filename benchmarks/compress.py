@@ -6,8 +6,9 @@ Rows (one run, side by side):
   pruning; the proxy score is argmax agreement with FP32 on the last fifth of the calibration
   images). Calibration: ImageNet-sample images 0..255; top-1 on images 256..499 (244 held out).
 * ``fashion-mnv2`` (the bundled MobileNetV2-style demo model, unfolded BN) at 50 % MACs, scheme
-  ``ssvd+cp``, calibrated on 512 Fashion-MNIST training images (Debian ``dataset-fashion-mnist``),
-  accuracy on the 2000 bundled test images.
+  ``ssvd+cp``: ``--train-samples`` Fashion-MNIST training images (Debian
+  ``dataset-fashion-mnist``; 512 of them fit the pruned layers, all of them fine-tune), 256 other
+  training images for the sweep's proxy score, accuracy on the 2000 bundled test images.
 * ``fashion-resnet`` (``models/fashion_resnet/fashion_resnet.onnx``, the QAT issue's ResNet) at
   50 % MACs when its ONNX file exists, accuracy on the 10k Fashion-MNIST test images.
 
@@ -57,12 +58,15 @@ def _top1(model: Any, images: np.ndarray, labels: np.ndarray) -> tuple[float, np
     return float(np.mean(logits.argmax(1) == labels)), logits.argmax(1)
 
 
-def _fashion_train(count: int) -> np.ndarray:
+def _fashion_train(count: int, held_out: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` Fashion-MNIST training images (calibration / fine-tuning) and ``held_out`` others
+    (the proxy score of the sweep), drawn without overlap, (u8 / 255 − 0.5) / 0.5."""
     with gzip.open(FASHION_TRAIN, "rb") as f:
         raw = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 1, 28, 28)
     rng = np.random.default_rng(0)
-    pick = np.sort(rng.choice(len(raw), count, replace=False))
-    return (raw[pick].astype(np.float32) / 255.0 - 0.5) / 0.5
+    pick = rng.permutation(len(raw))[: min(len(raw), count + held_out)]
+    images = (raw[pick].astype(np.float32) / 255.0 - 0.5) / 0.5
+    return images[held_out:], images[:held_out]
 
 
 def _fashion_test() -> tuple[np.ndarray, np.ndarray]:
@@ -74,7 +78,7 @@ def _fashion_test() -> tuple[np.ndarray, np.ndarray]:
     return (raw.astype(np.float32) / 255.0 - 0.5) / 0.5, labels
 
 
-def _setup(model_id: str) -> dict | None:
+def _setup(model_id: str, train_samples: int = 640) -> dict | None:
     """Model path, calibration batches, test images/labels and the target for one row."""
     if model_id == "effnet-lite0":
         from benchmarks import assets
@@ -95,16 +99,20 @@ def _setup(model_id: str) -> dict | None:
             log.warning("%s missing: apt-get install dataset-fashion-mnist", FASHION_TRAIN)
             return None
         test, labels = bundled_test_set()
-        return {"path": str(bundled_model()), "data": _batches(_fashion_train(640), "image", 64), "test": test,
-                "labels": labels, "target": 0.5, "scheme": "ssvd+cp", "calib_samples": 512}
+        train, held = _fashion_train(train_samples)
+        return {"path": str(bundled_model()), "data": _batches(train, "image", 64), "test": test,
+                "labels": labels, "target": 0.5, "scheme": "ssvd+cp", "calib_samples": 512,
+                "eval_data": _batches(held, "image", 64)}
     if model_id == "fashion-resnet":
         path = ROOT / "models" / "fashion_resnet" / "fashion_resnet.onnx"
         if not path.is_file() or not FASHION_TEST.is_file():
             log.warning("fashion-resnet: %s not written yet (models/fashion_resnet/train.py); row skipped", path)
             return None
         test, labels = _fashion_test()
-        return {"path": str(path), "data": _batches(_fashion_train(640), "image", 64), "test": test,
-                "labels": labels, "target": 0.5, "scheme": "ssvd+cp", "calib_samples": 512}
+        train, held = _fashion_train(train_samples)
+        return {"path": str(path), "data": _batches(train, "image", 64), "test": test,
+                "labels": labels, "target": 0.5, "scheme": "ssvd+cp", "calib_samples": 512,
+                "eval_data": _batches(held, "image", 64)}
     raise SystemExit(f"unknown model {model_id!r}; known: {', '.join(MODELS)}")
 
 
@@ -121,11 +129,12 @@ def _latency_pair(a: Any, b: Any, rounds: int = 3) -> tuple[dict, dict]:
     return best_a, best_b
 
 
-def run_row(model_id: str, workers: int, finetune_epochs: int, cache_dir: str | None) -> dict | None:
+def run_row(model_id: str, workers: int, finetune_epochs: int, cache_dir: str | None,
+            train_samples: int = 640) -> dict | None:
     import onnxq
     from onnxq.compress import CompressConfig, compress
 
-    setup = _setup(model_id)
+    setup = _setup(model_id, train_samples)
     if setup is None:
         return None
     original = onnxq.load(setup["path"])
@@ -133,7 +142,7 @@ def run_row(model_id: str, workers: int, finetune_epochs: int, cache_dir: str | 
                             calib_samples=setup["calib_samples"], finetune_epochs=finetune_epochs,
                             cache_dir=cache_dir, latency_repeats=10)
     start = time.perf_counter()
-    result = compress(original, setup["data"], config=config)
+    result = compress(original, setup["data"], config=config, eval_data=setup.get("eval_data"))
     seconds = time.perf_counter() - start
     top1_fp32, pred_fp32 = _top1(original, setup["test"], setup["labels"])
     top1, pred = _top1(result.model, setup["test"], setup["labels"])
@@ -184,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--finetune-epochs", type=int, default=0)
     parser.add_argument("--cache-dir", help="sweep cache (default ~/.cache/onnxq/compress)")
+    parser.add_argument("--train-samples", type=int, default=640,
+                        help="Fashion-MNIST training images given to compress (calibration, fine-tuning)")
     parser.add_argument("--json", default=str(RESULTS / "compress.json"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -191,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     rows = []
     for model_id in [m.strip() for m in args.models.split(",") if m.strip()]:
-        row = run_row(model_id, args.workers, args.finetune_epochs, args.cache_dir)
+        row = run_row(model_id, args.workers, args.finetune_epochs, args.cache_dir, args.train_samples)
         if row is not None:
             rows.append(row)
             log.info("%s done in %.0f s", model_id, row["compress_seconds"])

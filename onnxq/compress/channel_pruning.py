@@ -44,7 +44,7 @@ whose own output carries the channels (a residual loop), ``keep ≥ C``.
 
 from __future__ import annotations
 
-__all__ = ["ChannelPruning", "LayerSamples", "select_channels", "refit", "capture_samples"]
+__all__ = ["ChannelPruning", "LayerSamples", "select_channels", "refit", "capture_samples", "kept_count"]
 
 import dataclasses
 import logging
@@ -475,10 +475,20 @@ def capture_samples(reference: ir.Model, current: ir.Model, names: Sequence[str]
     return out
 
 
+def kept_count(keep: int | None, ratio: float | None, channels: int, multiple: int = 1) -> int:
+    """Channels kept: ``keep``, else ``round(ratio·C)``, rounded to a multiple of ``multiple``
+    (SIMD-friendly widths run faster: onnxruntime's CPU convolutions work in blocks of 8)."""
+    count = int(keep) if keep is not None else int(round(float(ratio) * channels))
+    if multiple > 1 and keep is None:
+        count = int(round(count / multiple)) * multiple
+        count = max(multiple, count)
+    return max(1, count)
+
+
 # ---- the pass -----------------------------------------------------------------------------------
 class ChannelPruning(OnnxqPass):
     """Prune the input channels of the named Convs (``ratios``: fraction of input channels kept,
-    or ``keep``: exact counts) on calibration ``data``.
+    rounded to a multiple of ``multiple``, or ``keep``: exact counts) on calibration ``data``.
 
     ``reference``: the model whose layer outputs are the targets (default: the model as it is
     when the pass starts). ``samples``: precomputed :class:`LayerSamples` by layer name (skips
@@ -491,7 +501,7 @@ class ChannelPruning(OnnxqPass):
     def __init__(self, ratios: Mapping[str, float] | None = None, keep: Mapping[str, int] | None = None,
                  data: Any = None, *, reference: ir.Model | None = None, method: str = "greedy",
                  rows: int = 4096, max_samples: int | None = 64, seed: int = 0,
-                 samples: Mapping[str, LayerSamples] | None = None) -> None:
+                 samples: Mapping[str, LayerSamples] | None = None, multiple: int = 1) -> None:
         super().__init__()
         if method not in ("greedy", "lasso"):
             raise ValueError(f"unknown channel selection method '{method}' (greedy, lasso)")
@@ -504,6 +514,7 @@ class ChannelPruning(OnnxqPass):
         self.max_samples = max_samples
         self.seed = seed
         self.samples = dict(samples or {})
+        self.multiple = max(1, int(multiple))
         #: kept input-channel indices per pruned layer in the last run
         self.kept: dict[str, list[int]] = {}
 
@@ -584,9 +595,7 @@ class ChannelPruning(OnnxqPass):
         return int(min(max(self.rows, 3 * patch), 20000))
 
     def _count(self, name: str, channels: int) -> int:
-        if name in self.keep:
-            return max(1, int(self.keep[name]))
-        return max(1, int(round(float(self.ratios[name]) * channels)))
+        return kept_count(self.keep.get(name), self.ratios.get(name), channels, self.multiple)
 
     def _target_problem(self, node: ir.Node) -> str | None:
         if not is_op(node, "Conv"):

@@ -250,3 +250,15 @@ def test_a_later_target_whose_outputs_an_earlier_plan_cut():
     onnx.checker.check_model(ir.to_proto(out))
     feeds = random_feeds(model, seed=11)
     assert run(out, feeds)[0].shape == run(model, feeds)[0].shape
+
+
+def test_kept_counts_round_to_a_multiple():
+    from onnxq.compress.channel_pruning import kept_count
+
+    assert kept_count(None, 0.3, 24, 8) == 8 and kept_count(None, 0.5, 24, 8) == 16
+    assert kept_count(None, 0.7, 24, 8) == 16 and kept_count(None, 0.05, 24, 8) == 8
+    assert kept_count(None, 0.3, 24) == 7 and kept_count(5, None, 24, 8) == 5  # exact counts stay
+    model = model_from_text(CHAIN, seed=5)
+    _name_convs(model, "c1", "c2")
+    _, _, p = _prune(model, ratios={"c2": 0.6}, data=_data(model), multiple=4)
+    assert len(p.kept["c2"]) == 4

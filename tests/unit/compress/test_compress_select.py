@@ -106,7 +106,8 @@ def test_parse_scheme_and_config():
 def test_compress_reaches_the_target_and_resumes_from_cache(tmp_path, caplog):
     model = tiny()
     before = ir.to_proto(model).SerializeToString()
-    config = CompressConfig(target_macs=0.5, workers=1, cache_dir=str(tmp_path / "cache"), latency_repeats=3)
+    config = CompressConfig(target_macs=0.5, workers=1, cache_dir=str(tmp_path / "cache"), latency_repeats=3,
+                            channel_multiple=1)  # 16-24 channels: multiples of 8 are too coarse
     result = compress(model, data_for(model), config=config)
     assert ir.to_proto(model).SerializeToString() == before  # input untouched
     out = result.model
@@ -119,7 +120,8 @@ def test_compress_reaches_the_target_and_resumes_from_cache(tmp_path, caplog):
     assert [st["technique"] for st in s["stages"]] == ["spatial-svd", "channel-pruning"]
     cp = s["stages"][1]
     assert {"conv2", "conv4"} <= set(cp["curves"]) and len(cp["curves"]["conv2"]) == 9
-    assert all(0 <= p["score"] <= 1 for p in cp["curves"]["conv2"])
+    scores = [p["score"] for p in cp["curves"]["conv2"]]  # output SQNR (dB): more channels, less noise
+    assert all(np.isfinite(scores)) and scores[-1] > scores[0]
     assert cp["layers"] and all(v["kept_channels"] for v in cp["layers"].values())
     # a second run reads every sweep job back from the cache and gives the same model
     files = list((tmp_path / "cache").glob("*.json"))
