@@ -58,6 +58,7 @@ class Solution:
     codes: np.ndarray  # (G, O, K) integers
     scale: np.ndarray | None = None  # (G, O, 1) when the solver changed it
     zero: np.ndarray | None = None  # (G, O, 1) with a changed scale on an asymmetric grid
+    bias: np.ndarray | None = None  # (G·O,) when the solver changed the layer's bias
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -137,18 +138,38 @@ class _WorkingModel:
                 set_constant(node.inputs[1], w_native.astype(np.float32))
                 return
 
+    def _set_bias(self, layer: Layer, node: ir.Node, b: np.ndarray) -> None:
+        """A new bias on the working model's layer: int32 codes at the bias scale it has, or
+        the float bias of a layer whose bias is not quantized."""
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        if bias is None:
+            return
+        b_dq = bias.producer()
+        if is_op(b_dq, "DequantizeLinear") and constant(b_dq.inputs[1]) is not None:
+            b_scale = constant(b_dq.inputs[1]).astype(np.float64)
+            codes = np.clip(np.rint(b.astype(np.float64) / np.broadcast_to(b_scale, b.shape)), -(2**31), 2**31 - 1)
+            b_dq.inputs[0].const_value = ir.Tensor(codes.astype(np.int32), name=b_dq.inputs[0].name)
+        elif bias.const_value is not None:
+            set_constant(bias, b.astype(np.float32))
+
     def update(self, layer: Layer, job: LayerJob, sol: Solution) -> None:
         scale = job.scale if sol.scale is None else sol.scale
         zero = job.zero if sol.zero is None else sol.zero
         deq = ((sol.codes - zero) * scale).astype(np.float32)
         if not self.act_quant:
             self._set_float(layer.name, _native(layer, deq))
+            if sol.bias is not None:
+                for node in self.model.graph:
+                    if node.name == layer.name and len(node.inputs) > 2 and node.inputs[2] is not None:
+                        set_constant(node.inputs[2], sol.bias.astype(np.float32))
             return
         node, dq = self.q_layers[layer.node.name or ""]
         enc = job.encoding
         codes_native = _native(layer, sol.codes.astype(np.int64))
         dq.inputs[0].const_value = _int_tensor(codes_native, _work_bits(enc.bits), enc.signed, dq.inputs[0].name or "")
         if sol.scale is None:
+            if sol.bias is not None:
+                self._set_bias(layer, node, sol.bias)
             return
         flat = np.asarray(sol.scale, np.float64).reshape(-1)
         new_scale = flat[:1].reshape(()) if len(enc.scale) == 1 else flat
@@ -165,7 +186,7 @@ class _WorkingModel:
             old_w_scale = np.asarray(enc.scale, np.float64)
             s_in = float(np.atleast_1d(old_b_scale)[0] / old_w_scale[0])
             b_scale = s_in * new_scale
-            b = job.bias.astype(np.float64)
+            b = (job.bias if sol.bias is None else sol.bias).astype(np.float64)
             codes = np.clip(np.rint(b / np.broadcast_to(b_scale, b.shape)), -(2**31), 2**31 - 1)
             b_dq.inputs[0].const_value = ir.Tensor(codes.astype(np.int32), name=b_dq.inputs[0].name)
             set_constant(b_dq.inputs[1], np.asarray(b_scale, np.float32))
@@ -215,6 +236,7 @@ def optimize_layers(
     batches = materialize(data, sim.float_model, max_samples)
     new_encodings: dict[str, Encoding] = {e.name: e for e in sim.encodings if e.kind == "param" and e.frozen}
     new_weights: dict[str, np.ndarray] = {}
+    new_biases: dict[str, np.ndarray] = {}
     with RowStore(int(memory_budget_mb * 2**20)) as store:
         samples = capture_targets(sim.fp32_model, chosen, batches, rows_per_layer, store, seed)
         log.info("%s: targets of %d layers captured in %.1f s", what, len(chosen), time.perf_counter() - t0)
@@ -239,6 +261,8 @@ def optimize_layers(
             final_zero = job.zero if sol.zero is None else sol.zero
             deq = ((sol.codes - final_zero) * final_scale).astype(np.float32)
             new_weights[layer.weight_layer.weight.name] = _native(layer, deq)
+            if sol.bias is not None:
+                new_biases[layer.name] = sol.bias
             new_encodings[enc.name] = dataclasses.replace(
                 enc, scale=_to_encoding_scale(enc, final_scale),
                 zero_point=tuple(int(z) for z in np.asarray(final_zero).reshape(-1)[: len(enc.zero_point)]),
@@ -251,6 +275,10 @@ def optimize_layers(
     float_model = sim.float_model.clone()
     for name, w in new_weights.items():
         set_constant(float_model.graph.initializers[name], w)
+    if new_biases:
+        for layer in find_layers(float_model, set(new_biases))[0]:
+            if layer.weight_layer.bias_problem() is None:
+                layer.weight_layer.set_bias(float_model.graph, new_biases[layer.name])
     out = rebuild(sim, float_model, new_encodings, batches)
     log.info("%s: %d layers in %.1f s", what, len(new_weights), time.perf_counter() - t0)
     return out

@@ -155,3 +155,40 @@ def test_encodings_round_trip_keeps_adarounded_weights(tmp_path):
             again.model.graph.initializers[name].const_value.numpy(),
             sim.model.graph.initializers[name].const_value.numpy(),
         )
+
+
+@pytest.mark.parametrize("act", [Activation("identity"), Activation("relu"), Activation("clip", (0.0, 6.0))])
+def test_fit_bias_recovers_a_planted_shift(act):
+    from onnxq.algorithms.adaround import fit_bias
+
+    job = _job(act, shape=(1, 6, 12), rows=800)
+    shift = np.array([0.3, -0.2, 0.05, 0.0, 0.4, -0.1], np.float32)
+    y = np.einsum("rgk,gok->rgo", job.inputs, job.weight).reshape(800, -1) + job.bias + shift
+    job = dataclasses.replace(job, target=act(y))
+    b = fit_bias(job, job.weight)
+    np.testing.assert_allclose(b - job.bias, shift, atol=1e-4)
+
+
+def test_adaround_with_bias_fit_writes_the_same_bias_to_both_models():
+    model = model_from_text(MODEL)
+    rng = np.random.default_rng(0)
+    data = [rng.standard_normal((8, 3, 8, 8)).astype(np.float32) for _ in range(4)]
+    sim = onnxq.quantize(model, data, _w4())
+    cfg = AdaRoundConfig(iterations=200, batch_rows=128, rows_per_layer=1024)
+    plain = adaround(sim, data, cfg)
+    fitted = adaround(sim, data, dataclasses.replace(cfg, fit_bias=True))
+    b_plain = plain.float_model.graph.initializers["b2"].const_value.numpy()
+    b_fit = fitted.float_model.graph.initializers["b2"].const_value.numpy()
+    assert not np.allclose(b_plain, b_fit)
+    # the QDQ model's int32 bias dequantizes to the float model's bias
+    qdq = fitted.model.graph
+    conv = next(m for m in qdq if m.op_type == "Conv" and m.attributes.get("group") is not None)
+    dq = conv.inputs[2].producer()
+    assert dq.op_type == "DequantizeLinear"
+    codes = dq.inputs[0].const_value.numpy().astype(np.float64)
+    scale = dq.inputs[1].const_value.numpy().astype(np.float64)
+    np.testing.assert_allclose(codes * scale, b_fit, atol=float(np.max(scale)))
+    test = rng.standard_normal((32, 3, 8, 8)).astype(np.float32)
+    (ref,) = onnxq.runtime.run(sim.float_model, {"x": test})
+    err = lambda m: float(np.mean((onnxq.runtime.run(m, {"x": test}, optimize=True)[0] - ref) ** 2))  # noqa: E731
+    assert err(fitted.model) < err(sim.model)
