@@ -378,7 +378,8 @@ def compress(
                     log.log(logging.WARNING if last else logging.INFO,
                             "stage %s: its share of the target is out of reach (predicted %.1f M MACs > %.1f M)%s",
                             technique, selection.predicted_macs / 1e6, stage_target / 1e6,
-                            "" if last else f"; stopping at a {config.stage_drop:.0%} score drop")
+                            "" if last else (f"; stopping at a {config.stage_drop:.0%} score drop" if evaluate is not None
+                                             else f"; stopping at an output SQNR of {config.stage_min_sqnr:g} dB"))
                 current = stage_input.clone()
                 applied: dict[str, Any] = {}
                 if selection.ratios:
