@@ -158,7 +158,7 @@ def run_row(model_id: str, workers: int, finetune_epochs: int, cache_dir: str | 
         "target_macs": setup["target"],
         "finetune_epochs": finetune_epochs,
         "train_samples": sum(len(next(iter(b.values()))) for b in setup["data"]),
-        "test_images": int(len(setup["labels"])),
+        "test_images": len(setup["labels"]),
         "top1_fp32": top1_fp32,
         "top1": top1,
         "agreement_with_fp32": float(np.mean(pred == pred_fp32)),

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-__all__ = ["ConvGeometry", "conv_geometry", "replace_with", "new_initializer", "rank_for_ratio",
-           "truncated_svd", "float_problem"]
+__all__ = [
+    "ConvGeometry",
+    "conv_geometry",
+    "float_problem",
+    "new_initializer",
+    "rank_for_ratio",
+    "replace_with",
+    "truncated_svd",
+]
 
 import dataclasses
 from collections.abc import Callable, Sequence

@@ -267,11 +267,23 @@ def compress(
     """Compress ``model`` to ``config.target_macs`` of its MACs (module docstring)."""
     import onnxq
     from onnxq.algorithms._capture import materialize
-    from onnxq.analysis.evaluate import evaluator_id, proxy_metrics, resolve_evaluator, save_proxy_data, score_of
+    from onnxq.analysis.evaluate import (
+        evaluator_id,
+        proxy_metrics,
+        resolve_evaluator,
+        save_proxy_data,
+        score_of,
+    )
     from onnxq.analysis.sweep import digest
     from onnxq.compress.macs import count_macs, measure_latency
     from onnxq.compress.select import (
-        SweepSpec, candidate_layers, choose_ratios, make_pass, proxy_score, run_ratio_sweep, save_batches,
+        SweepSpec,
+        candidate_layers,
+        choose_ratios,
+        make_pass,
+        proxy_score,
+        run_ratio_sweep,
+        save_batches,
     )
     from onnxq.passes.cleanup import Cleanup
     from onnxq.passes.lift_constants import LiftConstants

@@ -40,11 +40,17 @@ The layer is pruned only when every branch can follow; otherwise it is skipped w
 weight, …). Other readers lose the input channels without a re-fit (their outputs change by the
 removed channels' contribution); the layer itself is re-fit. Skipped also: grouped Convs, layers
 whose own output carries the channels (a residual loop), ``keep ≥ C``.
+
+**Several targets** are pruned in topological order; each one's inputs come from the model as
+pruned so far and its targets from the reference model (AIMET's order). A target whose output
+channels an earlier target's plan already removed is re-fit to the outputs it has left.
+``multiple`` rounds kept counts (from ratios) to a multiple, e.g. 8: onnxruntime's CPU
+convolutions work in blocks of 8 channels, and odd widths can run slower than the unpruned layer.
 """
 
 from __future__ import annotations
 
-__all__ = ["ChannelPruning", "LayerSamples", "select_channels", "refit", "capture_samples", "kept_count"]
+__all__ = ["ChannelPruning", "LayerSamples", "capture_samples", "kept_count", "refit", "select_channels"]
 
 import dataclasses
 import logging
@@ -57,7 +63,15 @@ import onnx_ir as ir
 
 from onnxq.compress._common import float_problem
 from onnxq.compress.weight_svd import ORIGIN_KEY  # noqa: F401 - shared meta key
-from onnxq.passes._graph import add_initializer, attr, clip_bounds, constant, is_op, set_constant, weight_problem
+from onnxq.passes._graph import (
+    add_initializer,
+    attr,
+    clip_bounds,
+    constant,
+    is_op,
+    set_constant,
+    weight_problem,
+)
 from onnxq.passes._layers import WeightLayer, as_layer
 from onnxq.passes.base import OnnxqPass
 

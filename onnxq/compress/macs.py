@@ -22,7 +22,7 @@ after ``warmup`` runs: MACs are a proxy, users care about milliseconds.
 
 from __future__ import annotations
 
-__all__ = ["LayerCost", "ModelCost", "count_macs", "value_shapes", "measure_latency"]
+__all__ = ["LayerCost", "ModelCost", "count_macs", "measure_latency", "value_shapes"]
 
 import dataclasses
 import logging

@@ -25,7 +25,7 @@ def _chart(name: str, curve: Sequence[Mapping[str, Any]], chosen: float | None, 
 
     parts = [f'<svg width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img">',
              f'<rect x="{pad}" y="{pad}" width="{w - 2 * pad}" height="{h - 2 * pad}" fill="#fafafa" stroke="#ccc"/>']
-    bx, by = xy(0, baseline)
+    _, by = xy(0, baseline)
     parts.append(f'<line x1="{pad}" y1="{by:.1f}" x2="{w - pad}" y2="{by:.1f}" stroke="#999" stroke-dasharray="3,3"/>')
     if pts:
         path = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(r, s) for r, s in pts))

@@ -26,8 +26,17 @@ Scores where lower is better (an error rate) are negated internally.
 
 from __future__ import annotations
 
-__all__ = ["SweepSpec", "CompressRunner", "RayPool", "candidate_layers", "run_ratio_sweep",
-           "choose_ratios", "Selection", "DEFAULT_RATIOS", "TECHNIQUES"]
+__all__ = [
+    "DEFAULT_RATIOS",
+    "TECHNIQUES",
+    "CompressRunner",
+    "RayPool",
+    "Selection",
+    "SweepSpec",
+    "candidate_layers",
+    "choose_ratios",
+    "run_ratio_sweep",
+]
 
 import dataclasses
 import fnmatch

@@ -33,7 +33,13 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.compress._common import (
-    ConvGeometry, conv_geometry, float_problem, new_initializer, rank_for_ratio, replace_with, truncated_svd,
+    ConvGeometry,
+    conv_geometry,
+    float_problem,
+    new_initializer,
+    rank_for_ratio,
+    replace_with,
+    truncated_svd,
 )
 from onnxq.compress.weight_svd import ORIGIN_KEY
 from onnxq.passes._graph import is_op, weight_problem

@@ -31,7 +31,13 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.compress._common import float_problem, new_initializer, rank_for_ratio, replace_with, truncated_svd
+from onnxq.compress._common import (
+    float_problem,
+    new_initializer,
+    rank_for_ratio,
+    replace_with,
+    truncated_svd,
+)
 from onnxq.passes._graph import attr, is_op, weight_problem
 from onnxq.passes._layers import WeightLayer, as_layer
 from onnxq.passes.base import OnnxqPass

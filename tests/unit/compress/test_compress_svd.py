@@ -109,7 +109,7 @@ def test_weight_svd_is_the_eckart_young_optimum(text, op):
     rank = 3
     u, s, vt = np.linalg.svd(mat, full_matrices=False)
     best = (u[:, :rank] * s[:rank]) @ vt[:rank]
-    out, result = _compress(model, WeightSVD(ranks={"L": rank}))
+    out, _ = _compress(model, WeightSVD(ranks={"L": rank}))
     a, b = [n for n in out.graph if n.op_type == op]
     wa, wb = a.inputs[1].const_value.numpy(), b.inputs[1].const_value.numpy()
     # structure: r = 3 in the middle; bias on the second layer only
