@@ -13,6 +13,15 @@ position; float64 would cost another pass). Cost on this project's 2-core machin
 per value with the histogram (the old float64, multi-pass update: 7–8 ns), 0.3 ns for min / max
 only.
 
+**Large batches are histogrammed from a sample** (a documented approximation): a batch of more
+than :data:`HISTOGRAM_SAMPLE` (2^18) values bins every ``k``-th value only (``k`` the smallest
+prime ≥ size / 2^18, a different offset each batch) with weight ``k``; the min / max, the count of
+finite values and the histogram's edges stay exact (edges depend on the extremes only). For the
+tensors of a CNN at batch 32 (1–40 M values each) this cuts the histogram's cost 5–150× and
+leaves ``mse`` / ``entropy`` / ``percentile`` ranges within a few tenths of a percent of the
+range (tests/unit/quant/test_observers.py).
+``Observer(sample=None)`` bins every value.
+
 **Histogram growth is exact.** The histogram covers ``[lo, lo + bins·w)``. When a chunk falls
 outside, the bin width grows by the smallest integer factor ``k`` (``w' = k·w``) and the new left
 edge moves by a whole number ``m`` of old bins (``lo' = lo − m·w``), so every old bin lies inside
@@ -56,6 +65,7 @@ fake-quantization error over a grid of clip ratios, vectorized across channels).
 from __future__ import annotations
 
 __all__ = [
+    "HISTOGRAM_SAMPLE",
     "RANGE_METHODS",
     "Observer",
     "channel_minmax",
@@ -80,6 +90,20 @@ from onnxq.quant.qparams import fake_quantize, qrange
 #: elements per step: a chunk, its float32 bin positions and its integer bin indices stay in
 #: cache between the passes over it (the chunk is read from memory once)
 _CHUNK = 1 << 17
+#: default :attr:`Observer.sample`: values per batch that a histogram takes at most (about)
+HISTOGRAM_SAMPLE = 1 << 18
+
+
+def _stride(size: int, sample: int | None) -> int:
+    """The histogram stride for a batch of ``size`` values: 1 up to ``sample`` values, else the
+    smallest prime ``p ≥ size / sample`` (a prime shares no factor with the tensor's dimensions
+    beyond itself, so the sample does not fall on one channel or one column)."""
+    if sample is None or size <= sample:
+        return 1
+    p = max(2, -(-size // sample))
+    while any(p % d == 0 for d in range(2, int(p**0.5) + 1)):
+        p += 1
+    return p
 
 
 class _Scratch(threading.local):
@@ -111,13 +135,19 @@ class Observer:
     """
 
     def __init__(
-        self, name: str = "", bins: int = 2048, axis: int | None = None, histogram: bool = True
+        self, name: str = "", bins: int = 2048, axis: int | None = None, histogram: bool = True,
+        sample: int | None = HISTOGRAM_SAMPLE,
     ) -> None:
         if bins < 16:
             raise ValueError(f"an observer needs at least 16 bins, got {bins}")
+        if sample is not None and sample < 1:
+            raise ValueError(f"a histogram sample needs at least 1 value, got {sample}")
         self.name = name
         #: False keeps only min / max (enough for the minmax method, and much cheaper)
         self.histogram = histogram
+        #: a batch with more values than this is histogrammed from an evenly strided sample of
+        #: about this many values (counts weighted by the stride); None: every value
+        self.sample = sample
         self.bins = int(bins)
         self.axis = axis
         self.batches = 0
@@ -150,18 +180,26 @@ class Observer:
                 self._grow(float(mn), float(mx))  # the first batch's range, not its first chunk's
         nonfinite = 0
         counts = np.zeros(self.bins + 2, np.int64) if self.histogram else None
+        step = _stride(flat.size, self.sample) if self.histogram else 1
+        phase = (self.batches * 7919) % step  # a different offset each batch (deterministic)
         for start in range(0, flat.size, _CHUNK):
-            nonfinite += self._chunk(flat[start : start + _CHUNK], counts)
+            nonfinite += self._chunk(
+                flat[start : start + _CHUNK], counts, step, (phase - start) % step
+            )
         if counts is not None:
             self._flush(counts)
         if self.axis is not None:
             self._update_channels(x, np.isfinite(x) if nonfinite else None)
         self.nonfinite += nonfinite
 
-    def _chunk(self, part: np.ndarray, counts: np.ndarray | None) -> int:
-        """Add one chunk; returns how many of its values were NaN / ±Inf (left out)."""
+    def _chunk(
+        self, part: np.ndarray, counts: np.ndarray | None, step: int = 1, offset: int = 0
+    ) -> int:
+        """Add one chunk; returns how many of its values were NaN / ±Inf (left out). The
+        histogram takes ``part[offset::step]`` with weight ``step`` (min / max take all)."""
         mn, mx = part.min(), part.max()
         nonfinite = 0
+        sample = part if step == 1 else part[offset::step]
         if not (math.isfinite(mn) and math.isfinite(mx)):
             finite = np.isfinite(part)
             kept = int(np.count_nonzero(finite))
@@ -169,6 +207,7 @@ class Observer:
             if kept == 0:
                 return nonfinite
             part = part[finite]
+            sample = part if step == 1 else sample[np.isfinite(sample)]
             mn, mx = part.min(), part.max()
         mn, mx = float(mn), float(mx)
         if counts is not None:
@@ -178,13 +217,15 @@ class Observer:
             if self.width == 0.0:  # every value so far equals lo
                 self.hist[0] += part.size
                 self.zeros += part.size if mn == 0.0 else 0
-            else:
-                self._bin(part, counts, count_zeros=mn <= 0.0 <= mx)
+            elif sample.size:
+                self._bin(sample, counts, count_zeros=mn <= 0.0 <= mx, weight=step)
         self.count += part.size
         self.min, self.max = min(self.min, mn), max(self.max, mx)
         return nonfinite
 
-    def _bin(self, part: np.ndarray, counts: np.ndarray, count_zeros: bool) -> None:
+    def _bin(
+        self, part: np.ndarray, counts: np.ndarray, count_zeros: bool, weight: int = 1
+    ) -> None:
         """Add the bin counts of ``part`` (inside the current range) to ``counts`` (``bins + 2``
         long: float32 rounding may put a value at the top edge one or two bins further)."""
         scratch = _SCRATCH
@@ -202,11 +243,13 @@ class Observer:
         chunk = np.bincount(idx, minlength=bins + 2)
         if chunk.size > bins + 2:
             chunk[bins + 1] += chunk[bins + 2 :].sum()
+        if weight != 1:
+            chunk *= weight
         counts += chunk[: bins + 2]
         if count_zeros:
             is_zero = scratch.is_zero[:n]
             np.equal(part, 0, out=is_zero)
-            self.zeros += int(np.count_nonzero(is_zero))
+            self.zeros += int(np.count_nonzero(is_zero)) * weight
 
     def _flush(self, counts: np.ndarray) -> None:
         """Move pending chunk counts into the histogram (the top overflow into the last bin)."""
@@ -525,25 +568,78 @@ def _kl(hist: np.ndarray, prefix: np.ndarray, start: int, end: int, n: int) -> f
     return float(np.sum(p * np.log(p / q)))
 
 
+class _KlTable:
+    """KL(P‖Q) of many windows of one histogram at once, from prefix sums (what :func:`_kl`
+    computes for one window, in O(n) per window instead of O(window) with Python overhead).
+
+    Inside chunk ``j`` of a window every nonzero bin of P gets ``Q = qsum_j / qnz_j`` (then
+    normalized), so ``Σ P log Q = Σ_j P_j log(qsum_j / (qnz_j·Σq))`` with per-chunk masses from
+    prefix sums; ``Σ P log P`` comes from a prefix sum of ``h log h`` with the two end bins
+    (which also hold the mass outside the window) replaced."""
+
+    def __init__(self, hist: np.ndarray) -> None:
+        self.h = np.asarray(hist, np.float64)
+        zero = np.zeros(1)
+        self.c = np.concatenate((zero, np.cumsum(self.h)))
+        self.nz = np.concatenate((zero, np.cumsum(self.h > 0)))
+        self.hlogh = np.concatenate((zero, np.cumsum(_xlogx(self.h))))
+
+    def __call__(self, starts: np.ndarray, ends: np.ndarray, n: int) -> np.ndarray:
+        h, c, nz = self.h, self.c, self.nz
+        starts = np.asarray(starts, np.int64)[:, None]
+        ends = np.asarray(ends, np.int64)[:, None]
+        m = (ends - starts) // n
+        j = np.arange(n)[None, :]
+        a = starts + j * m
+        b = np.where(j == n - 1, ends, a + m)
+        qsum = c[b] - c[a]
+        qnz = nz[b] - nz[a]
+        s, e = starts[:, 0], ends[:, 0]
+        below, above = c[s], c[-1] - c[e]
+        first, last = h[s], h[e - 1]
+        p_first, p_last = first + below, last + above
+        qnz[:, 0] += (p_first > 0).astype(np.float64) - (first > 0)
+        qnz[:, -1] += (p_last > 0).astype(np.float64) - (last > 0)
+        pmass = qsum.copy()
+        pmass[:, 0] += below
+        pmass[:, -1] += above
+        total = c[-1]
+        qtotal = np.where(qnz > 0, qsum, 0.0).sum(axis=1)
+        plogp = (self.hlogh[e] - self.hlogh[s] - _xlogx(first) - _xlogx(last)
+                 + _xlogx(p_first) + _xlogx(p_last))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            qval = np.where(
+                qsum > 0, qsum / (np.maximum(qnz, 1.0) * qtotal[:, None]), 1e-12
+            )
+            cross = np.where(pmass > 0, pmass * np.log(qval), 0.0).sum(axis=1)
+        kl = (plogp - cross) / total - math.log(total)
+        return np.where(qtotal > 0, kl, math.inf)
+
+
+def _xlogx(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(x > 0, x * np.log(np.where(x > 0, x, 1.0)), 0.0)
+
+
 def _kl_search(
     hist: np.ndarray, n: int, windows: Callable[[int], tuple[int, int]], total: int
 ) -> int:
     """The window size (in bins, ``n`` … ``total``) whose window minimizes KL(P‖Q)."""
-    prefix = np.concatenate(([0.0], np.cumsum(hist)))
+    table = _KlTable(hist)
 
-    def score(size: int) -> float:
-        start, end = windows(size)
-        return _kl(hist, prefix, start, end, n)
+    def scores(sizes: list[int]) -> np.ndarray:
+        bounds = np.array([windows(size) for size in sizes], np.int64).reshape(-1, 2)
+        return table(bounds[:, 0], bounds[:, 1], n)
 
     stride = max(1, (total - n) // 256)
     sizes = list(range(n, total + 1, stride))
     if sizes[-1] != total:
         sizes.append(total)
-    scores = [score(s) for s in sizes]
-    best = sizes[int(np.argmin(scores))]
+    best = sizes[int(np.argmin(scores(sizes)))]
     if stride > 1:
-        fine = range(max(n, best - stride + 1), min(total, best + stride - 1) + 1)
-        best = min(fine, key=score)
+        fine = list(range(max(n, best - stride + 1), min(total, best + stride - 1) + 1))
+        best = fine[int(np.argmin(scores(fine)))]
     return best
 
 

@@ -19,6 +19,11 @@ pass costs about 2.2x FP32 inference; computing min / max inside the graph inste
 (ReduceMin / ReduceMax, plus a ReduceSum to see NaN, which onnxruntime's ReduceMin skips) was no
 faster (2.2x without the sum, 2.5x with it) and is not used.
 
+Histograms of large batches are built from a strided sample (``sample``; min / max stay exact,
+see :mod:`onnxq.quant.observers`), so the mse / entropy / percentile methods cost little more
+than min / max: the rest is onnxruntime writing every exposed tensor out of its blocked NCHWc
+layout.
+
 Values must be top-level graph inputs or node outputs of float type (float32, float16, float64).
 Values without a type get one from ONNX shape inference on the clone; a value whose type stays
 unknown (e.g. the output of a custom op) is checked on the first batch instead.
@@ -40,7 +45,7 @@ from onnx_ir.passes.common import ShapeInferencePass
 
 from onnxq.errors import ConfigError
 from onnxq.io import PROTOBUF_LIMIT_BYTES, internalized, load, weight_bytes
-from onnxq.quant.observers import Observer
+from onnxq.quant.observers import HISTOGRAM_SAMPLE, Observer
 from onnxq.runtime.data import as_batches, input_specs
 
 logger = logging.getLogger(__name__)
@@ -93,13 +98,16 @@ def collect_statistics(
     histogram: bool = True,
     progress: Callable[[int], Any] | None = None,
     threads: int | None = None,
+    sample: int | None = HISTOGRAM_SAMPLE,
 ) -> dict[str, Observer]:
     """Observe ``tensor_names`` over every batch of ``data``; returns ``{name: Observer}``.
 
     ``data``: anything :func:`~onnxq.runtime.data.as_batches` accepts. ``per_channel_axes``:
     ``{name: axis}`` for tensors that also need per-channel min / max. ``progress``: called as
     ``progress(1)`` after each batch (``tqdm(...).update`` fits). ``histogram=False`` keeps only
-    min / max (all the minmax method needs). ``threads``: how many threads update observers
+    min / max (all the minmax method needs). ``sample``: a batch of a tensor with more values is
+    histogrammed from an evenly strided sample of about this many values (min / max stay exact;
+    see :class:`~onnxq.quant.observers.Observer`); None bins every value. ``threads``: how many threads update observers
     (default: up to 4, one per core; numpy releases the GIL). ``model`` is left unchanged. The
     session runs with onnxruntime's optimizations on: the observed tensors are graph outputs of
     the copy, which onnxruntime never fuses away, so their values are the graph's (2x faster
@@ -122,7 +130,8 @@ def collect_statistics(
     for value in from_inputs + from_nodes:
         _check_float(value)
     observers = {
-        n: Observer(n, bins=bins, axis=axes.get(n), histogram=histogram) for n in names
+        n: Observer(n, bins=bins, axis=axes.get(n), histogram=histogram, sample=sample)
+        for n in names
     }
 
     graph = _CalibrationGraph(work, [v.name for v in from_nodes])

@@ -84,6 +84,9 @@ def test_min_with_a_constant_bound_runs_on_integers():
         bound = next(v for v in node.inputs if v.const_value is not None)
         assert _producer_op(data) == "QuantizeLinear"  # Q → Min, no DQ → Min
         assert bound.dtype == ir.DataType.UINT8 and node.outputs[0].dtype == ir.DataType.UINT8
+        # per-channel, repeated along the static width (onnxruntime's NHWC Min runs W·C spans)
+        codes = bound.const_value.numpy()
+        assert codes.shape == (1, 8, 1, 8) and (codes == codes[..., :1]).all()
         assert {u.node.op_type for u in node.outputs[0].uses()} == {"DequantizeLinear"}
     ops = [n.op_type for n in sim.model.graph]
     assert "Relu" not in ops  # the Q after it saturates at the grid's ends (0 included)
@@ -263,3 +266,13 @@ def test_encoding_names_stay_those_of_the_float_model():
     assert {"x", "r1", "m1", "r2", "m2"} <= names
     enc = {e.name: e for e in sim.encodings}
     assert isinstance(enc["r1"], Encoding) and enc["r1"].scale == enc["m1"].scale
+
+
+def test_bound_is_not_tiled_along_a_dynamic_width():
+    text = CHAIN.replace("float[N,3,8,8] x", "float[N,3,8,W] x").replace(
+        "float[N,8,8,8] y", "float[N,8,8,W] y")
+    model = model_from_text(text, c1=np.full((1, 8, 1, 1), 0.5), c2=np.full((1, 8, 1, 1), 0.7))
+    sim = onnxq.quantize(model, _calib())
+    shapes = {tuple(n.inputs[i].const_value.shape) for n in _mins(sim.model) for i in range(2)
+              if n.inputs[i].const_value is not None}
+    assert shapes == {(1, 8, 1, 1)}

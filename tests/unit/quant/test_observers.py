@@ -216,7 +216,7 @@ def test_float32_histogram_equals_a_float64_reference_within_tolerance(dtype):
         for s, o in [(0.2, 0), (1, 0.5), (2, -1), (0.5, 30), (8, 0)]
     ]
     batches.append(np.maximum(batches[1], 0))  # many exact zeros
-    obs = _fed(*batches)
+    obs = _fed(*batches, sample=None)  # every value binned (the sampled path: tests below)
     data = np.concatenate([b.astype(np.float64) for b in batches])
     ref = _reference_histogram(obs, data)
     assert obs.hist.sum() == ref.sum() == obs.count == data.size
@@ -251,8 +251,83 @@ def test_nonfinite_values_inside_a_large_batch():
     x = np.random.default_rng(12).standard_normal(300_000).astype(np.float32)
     x[[5, 200_000]] = np.nan
     x[150_000] = -np.inf
-    obs = _fed(x, axis=0)
+    obs = _fed(x, axis=0, sample=None)
     finite = x[np.isfinite(x)].astype(np.float64)
     assert obs.nonfinite == 3 and obs.count == finite.size == obs.hist.sum()
     assert (obs.min, obs.max) == (float(finite.min()), float(finite.max()))
     assert np.abs(_reference_histogram(obs, finite) - obs.hist).sum() <= 1e-3 * finite.size
+
+
+# -- histograms of large batches from a strided sample ---------------------------------------------
+def test_stride_is_one_up_to_the_sample_size_then_a_prime():
+    from onnxq.quant.observers import _stride
+
+    assert _stride(1000, 1000) == 1 and _stride(10**6, None) == 1
+    assert _stride(1001, 1000) == 2 and _stride(12_845_056, 1 << 18) == 53  # 49 → next prime
+    for size in (300_000, 5_000_000, 38_535_168):
+        k = _stride(size, 1 << 18)
+        assert all(k % d for d in range(2, k)) and size / k <= 1 << 18
+
+
+def test_sampled_histogram_keeps_exact_extremes_and_unbiased_counts():
+    rng = np.random.default_rng(21)
+    batches = [np.maximum(rng.standard_normal((8, 16, 56, 56)) * s + o, 0).astype(np.float32)
+               for s, o in [(1.0, 0.2), (2.0, -0.5), (0.5, 1.0)]]
+    batches[1].reshape(-1)[123_457] = 40.0  # a lone outlier: min / max see it, the sample may not
+    batches[2].reshape(-1)[[7, 99_999]] = np.nan
+    sampled = _fed(*batches, sample=1 << 15)
+    full = _fed(*batches, sample=None)
+    assert (sampled.min, sampled.max, sampled.count, sampled.nonfinite) == (
+        full.min, full.max, full.count, full.nonfinite)
+    assert sampled.max == 40.0
+    # every batch weighs by its size: totals match up to the sampling error
+    assert abs(sampled.hist.sum() - full.count) < 0.01 * full.count
+    assert abs(sampled.zeros - full.zeros) < 0.02 * full.zeros
+    # same edges (growth depends on exact extremes only) and the same distribution
+    assert (sampled.lo, sampled.width) == (full.lo, full.width)
+    cdf_s = np.cumsum(sampled.hist) / sampled.hist.sum()
+    cdf_f = np.cumsum(full.hist) / full.hist.sum()
+    assert np.abs(cdf_s - cdf_f).max() < 0.01
+
+
+@pytest.mark.parametrize("method", ["mse", "entropy", "percentile", "sqnr"])
+def test_ranges_from_a_sampled_histogram_match_the_full_one(method):
+    rng = np.random.default_rng(22)
+    batches = [(rng.standard_normal(2_000_000) * 0.7 + rng.laplace(size=2_000_000) * 0.3)
+               .astype(np.float32) for _ in range(3)]
+    for symmetric in (False, True):
+        lo_f, hi_f = RANGE_METHODS[method](_fed(*batches, sample=None), symmetric=symmetric)
+        lo_s, hi_s = RANGE_METHODS[method](_fed(*batches, sample=1 << 18), symmetric=symmetric)
+        assert abs(lo_s - lo_f) <= 0.03 * (hi_f - lo_f) and abs(hi_s - hi_f) <= 0.03 * (hi_f - lo_f)
+
+
+def test_a_sample_larger_than_the_batch_bins_every_value():
+    x = np.random.default_rng(23).standard_normal(300_000).astype(np.float32)
+    a, b = _fed(x, sample=None), _fed(x, sample=300_000)
+    np.testing.assert_array_equal(a.hist, b.hist)
+    assert a.zeros == b.zeros
+    with pytest.raises(ValueError, match="at least 1 value"):
+        Observer("t", sample=0)
+
+
+def test_vectorized_kl_equals_the_direct_computation():
+    """The prefix-sum KL of many windows at once against the direct one window at a time,
+    including empty regions, end bins that only hold the outside mass, and integer counts."""
+    from onnxq.quant.observers import _kl, _KlTable
+
+    rng = np.random.default_rng(24)
+    for trial in range(60):
+        bins, n = int(rng.integers(300, 2100)), int(rng.choice([128, 256]))
+        h = rng.exponential(1, bins) * (rng.random(bins) > rng.random() * 0.5)
+        if trial % 3 == 0:
+            h[: rng.integers(1, 50)] = 0
+        if trial % 5 == 0:
+            h = np.round(h * 3)
+        prefix = np.concatenate(([0.0], np.cumsum(h)))
+        lengths = rng.integers(n, bins + 1, 10)
+        starts = np.array([rng.integers(0, bins - L + 1) for L in lengths])
+        got = _KlTable(h)(starts, starts + lengths, n)
+        want = np.array([_kl(h, prefix, s, s + L, n) for s, L in zip(starts, lengths)])
+        assert (np.isfinite(got) == np.isfinite(want)).all()
+        ok = np.isfinite(want)
+        np.testing.assert_allclose(got[ok], want[ok], rtol=1e-9, atol=1e-12)
