@@ -13,7 +13,7 @@ Modules: :mod:`~onnxq.train.ops` (op registry), :mod:`~onnxq.train.fake_quant`,
 
 from __future__ import annotations
 
-__all__ = ["GraphModule", "QatModel", "prepare", "TrainConfig", "fit", "run_qat", "load_training_data"]
+__all__ = ["GraphModule", "QatModel", "TrainConfig", "fit", "load_training_data", "prepare", "run_qat"]
 
 try:
     import torch  # noqa: F401

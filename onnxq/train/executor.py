@@ -27,7 +27,6 @@ from __future__ import annotations
 __all__ = ["GraphModule", "Quantizer", "check_supported"]
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -92,9 +91,7 @@ def _tensor(value: ir.Value) -> np.ndarray | None:
 
 
 def _to_torch(arr: np.ndarray) -> torch.Tensor:
-    if arr.dtype.kind in "iu" and arr.dtype.itemsize <= 2 or arr.dtype.name in ("int4", "uint4"):
-        arr = arr.astype(np.int64)
-    elif arr.dtype == np.uint32 or arr.dtype == np.uint64:
+    if arr.dtype.kind in "iu" and arr.dtype.itemsize <= 2 or arr.dtype.name in ("int4", "uint4") or arr.dtype == np.uint32 or arr.dtype == np.uint64:
         arr = arr.astype(np.int64)
     return torch.from_numpy(np.array(arr, order="C"))  # (ascontiguousarray makes 0-d 1-d)
 
@@ -404,7 +401,7 @@ class GraphModule(nn.Module):
                 f"node '{node.name}' (DequantizeLinear): scale / zero point are not constants"
             )
         raw = codes_v.name or node.name
-        name = raw[: -len("_quantized")] if raw.endswith("_quantized") else raw
+        name = raw.removesuffix("_quantized")
         axis = node.attributes["axis"].value if "axis" in node.attributes and scale.ndim else 1
         axis = axis if scale.ndim else None
         s32 = scale.astype(np.float32)
@@ -462,44 +459,32 @@ class GraphModule(nn.Module):
 
     def _link_biases(self, graph: ir.Graph) -> None:
         """Tie each int32 bias to ``s_x · s_w`` of its layer (what the exported model stores)."""
-        dq_scale_key: dict[int, tuple[str, str]] = {}
+        dq_of: dict[str, tuple[str, str]] = {}  # DQ node name → (quantizer key, base buffer)
         for key, info in self.activation_quantizers.items():
             for dq in info["dq"]:
-                dq_scale_key[hash(dq["node"])] = (key, dq["scale_init"])
-        by_node = {n.name: n for n in graph}
+                dq_of[dq["node"]] = (key, dq["base"])
         for key, info in self.bias_quantizers.items():
-            consumer = None
-            for node in graph:
-                if node.op_type in ("Conv", "Gemm", "ConvTranspose") and len(node.inputs) > 2 and \
-                        node.inputs[2] is not None and node.inputs[2].producer() is not None and \
-                        node.inputs[2].producer().inputs[0].name == info["codes_init"]:
-                    consumer = node
-                    break
+            consumer = next(
+                (n for n in graph if n.op_type in ("Conv", "Gemm", "ConvTranspose")
+                 and len(n.inputs) > 2 and n.inputs[2] is not None
+                 and n.inputs[2].producer() is not None
+                 and n.inputs[2].producer().inputs[0].name == info["codes_init"]), None)
             if consumer is None:
                 continue
             x_dq, w_dq = consumer.inputs[0].producer(), consumer.inputs[1].producer()
-            if x_dq is None or w_dq is None or x_dq.op_type != "DequantizeLinear" or \
+            if x_dq is None or w_dq is None or x_dq.name not in dq_of or \
                     w_dq.op_type != "DequantizeLinear":
                 continue
-            x_key = next((k for k, i in self.activation_quantizers.items()
-                          if any(d["node"] == x_dq.name for d in i["dq"])), None)
+            x_key, base_key = dq_of[x_dq.name]
             w_raw = w_dq.inputs[0].name or ""
-            w_key = _key(w_raw[: -len("_quantized")] if w_raw.endswith("_quantized") else w_raw)
-            if x_key is None or w_key not in self.quantizers:
-                continue
-            base_key = next(
-                (f"dq{i}_s" for i, (fn, _, _) in enumerate(self._steps)
-                 if hasattr(self, f"dq{i}_s") and getattr(fn, "__name__", "") == "dq"
-                 and by_node.get(x_dq.name) is not None and self._steps[i][2]
-                 and self._steps[i][2][0] == self._slot[id(x_dq.outputs[0])]), None)
-            if base_key is None:
+            w_key = _key(w_raw.removesuffix("_quantized"))
+            if w_key not in self.quantizers:
                 continue
             stored = self.quantizers[key].scale0.double()
             product = (getattr(self, base_key) * self.quantizers[w_key].scale0).double()
-            if product.shape != stored.shape and product.numel() != 1:
-                continue
-            if not torch.allclose(product.expand_as(stored) if product.numel() == 1 else product,
-                                  stored, rtol=1e-5, atol=0):
+            if product.numel() not in (1, stored.numel()) or not torch.allclose(
+                    product.expand_as(stored) if product.numel() == 1 else product.reshape(stored.shape),
+                    stored, rtol=1e-5, atol=0):
                 log.debug("bias '%s': stored scale is not s_x·s_w; kept fixed", key)
                 continue
             info["link"] = (x_key, w_key, base_key)
@@ -569,7 +554,3 @@ class GraphModule(nn.Module):
             out = self(dict(feeds)) if isinstance(feeds, Mapping) else self(*feeds)
         outs = out if isinstance(out, tuple) else (out,)
         return [o.detach().numpy() for o in outs]
-
-
-def _unused(*_: Any) -> float:  # pragma: no cover - keeps math imported for docstring maths
-    return math.nan

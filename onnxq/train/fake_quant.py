@@ -26,7 +26,7 @@ optimizer step changes the scale by a relative amount (scales span many decades 
 
 from __future__ import annotations
 
-__all__ = ["round_ste", "quantize", "dequantize", "fake_quantize", "grid_of", "channel_shape"]
+__all__ = ["channel_shape", "dequantize", "fake_quantize", "grid_of", "quantize", "round_ste"]
 
 from typing import Any
 

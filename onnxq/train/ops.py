@@ -15,7 +15,7 @@ QuantizeLinear and its DequantizeLinear.
 
 from __future__ import annotations
 
-__all__ = ["OpDef", "OPS", "register", "lookup", "TORCH_DTYPES"]
+__all__ = ["OPS", "TORCH_DTYPES", "OpDef", "lookup", "register"]
 
 import dataclasses
 import math

@@ -36,7 +36,7 @@ from onnxq.errors import UnsupportedModelError
 from onnxq.quant.insert_qdq import Encoding
 from onnxq.quant.sim import QuantSim
 from onnxq.train import fake_quant as fq
-from onnxq.train.executor import GraphModule, Quantizer, _key, _tensor
+from onnxq.train.executor import GraphModule, Quantizer
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +208,3 @@ def prepare(sim: QuantSim, learn_ranges: bool = True) -> QatModel:
     if not isinstance(sim, QuantSim):
         raise TypeError(f"prepare() takes the QuantSim that onnxq.quantize returns, not {type(sim).__name__}")
     return QatModel(sim, learn_ranges)
-
-
-_ = (_key, _tensor)  # re-exported helpers used by tests

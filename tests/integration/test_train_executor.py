@@ -13,11 +13,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import onnxq  # noqa: E402
-from benchmarks import assets  # noqa: E402
-from onnxq.runtime import run  # noqa: E402
-from onnxq.train import prepare  # noqa: E402
-from onnxq.train.executor import GraphModule  # noqa: E402
+import onnxq
+from benchmarks import assets
+from onnxq.runtime import run
+from onnxq.train import prepare
+from onnxq.train.executor import GraphModule
 
 pytestmark = pytest.mark.integration
 DEMO = Path(onnxq.__file__).parent / "demo" / "fashion_mnv2.onnx"

@@ -8,8 +8,8 @@ from conftest import model_from_text
 
 pytest.importorskip("torch")
 
-import onnxq  # noqa: E402
-from onnxq.cli import main  # noqa: E402
+import onnxq
+from onnxq.cli import main
 
 TINY = """<ir_version: 8, opset_import: ["" : 17]>
 g (float[N,3,8,8] image) => (float[N,10] logits)

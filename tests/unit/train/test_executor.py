@@ -8,10 +8,10 @@ from conftest import model_from_text
 
 torch = pytest.importorskip("torch")
 
-from onnxq.errors import UnsupportedModelError  # noqa: E402
-from onnxq.runtime import run  # noqa: E402
-from onnxq.train.executor import GraphModule  # noqa: E402
-from onnxq.train.ops import OPS, lookup  # noqa: E402
+from onnxq.errors import UnsupportedModelError
+from onnxq.runtime import run
+from onnxq.train.executor import GraphModule
+from onnxq.train.ops import OPS, lookup
 
 HEADER17 = '<ir_version: 8, opset_import: ["" : 17]>'
 HEADER11 = '<ir_version: 7, opset_import: ["" : 11]>'

@@ -9,8 +9,8 @@ from onnx import TensorProto, helper
 
 torch = pytest.importorskip("torch")
 
-from onnxq.train import fake_quant as fq  # noqa: E402
-from onnxq.train.executor import Quantizer  # noqa: E402
+from onnxq.train import fake_quant as fq
+from onnxq.train.executor import Quantizer
 
 GRIDS = {  # onnx type, (qmin, qmax)
     "int4": (TensorProto.INT4, (-8, 7)),

@@ -12,11 +12,11 @@ from conftest import model_from_text
 
 torch = pytest.importorskip("torch")
 
-import onnxq  # noqa: E402
-from onnxq.errors import ConfigError, UnsupportedModelError  # noqa: E402
-from onnxq.quant.config import QuantConfig, QuantSpec  # noqa: E402
-from onnxq.runtime import run  # noqa: E402
-from onnxq.train import TrainConfig, fit, prepare  # noqa: E402
+import onnxq
+from onnxq.errors import ConfigError, UnsupportedModelError
+from onnxq.quant.config import QuantConfig, QuantSpec
+from onnxq.runtime import run
+from onnxq.train import TrainConfig, fit, prepare
 
 TINY = """<ir_version: 8, opset_import: ["" : 17]>
 g (float[N,3,8,8] image) => (float[N,10] logits)
@@ -131,7 +131,7 @@ def test_checkpoint_resume_and_seed_give_the_same_weights(sim, data, tmp_path) -
         return qat.graph.parameter("w2").detach().numpy().copy()
 
     straight = train("a")
-    interrupted = train("b", interrupt_at=2)  # epoch 1 checkpointed, epoch 2 lost
+    train("b", interrupt_at=2)  # epoch 1 checkpointed, epoch 2 lost
     resumed = train("b", resume=True)
     assert np.array_equal(straight, resumed)
     assert (tmp_path / "b" / "last.pt").exists() and (tmp_path / "b" / "epoch2.pt").exists()
