@@ -149,6 +149,22 @@ def _print_row(res: dict[str, Any], metric: str, ref: float) -> None:
           + (f"  {wall:7.1f} s  peak {peak / 2**30:.2f} GiB" if wall else ""), flush=True)
 
 
+def _merge(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``old`` results with the rows of ``new`` replacing (or added after) those of the same id;
+    each row keeps the commit it was measured at."""
+    by_model = {m["model"]: m for m in old}
+    for res in new:
+        before = by_model.get(res["model"])
+        if before is None:
+            by_model[res["model"]] = res
+            continue
+        rows = {r["row"]: r for r in before["rows"]}
+        rows.update({r["row"]: r for r in res["rows"]})
+        by_model[res["model"]] = {**before, **{k: v for k, v in res.items() if k != "rows"},
+                                  "rows": list(rows.values())}
+    return list(by_model.values())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS))
@@ -171,8 +187,15 @@ def main(argv: list[str] | None = None) -> int:
     for model in args.models.split(","):
         print(f"\n{model}", flush=True)
         results.append(run_model(model, work, args.rows))
+    commit = _commit()
+    for res in results:
+        for row in res["rows"]:
+            row.setdefault("commit", commit)
+    json_path = Path(args.json)
+    if args.rows and json_path.is_file():  # a partial run replaces only its rows
+        results = _merge(json.loads(json_path.read_text()).get("results", []), results)
     aimet = RESULTS / "aimet_ref.json"
-    payload = {"commit": _commit(), "environment": _environment(), "results": results,
+    payload = {"commit": commit, "environment": _environment(), "results": results,
                "threads": os.environ.get("OMP_NUM_THREADS")}
     if aimet.is_file():
         payload["aimet_onnx"] = json.loads(aimet.read_text())
