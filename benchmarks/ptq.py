@@ -193,7 +193,11 @@ def main(argv: list[str] | None = None) -> int:
             row.setdefault("commit", commit)
     json_path = Path(args.json)
     if args.rows and json_path.is_file():  # a partial run replaces only its rows
-        results = _merge(json.loads(json_path.read_text()).get("results", []), results)
+        previous = json.loads(json_path.read_text())
+        for res in previous.get("results", []):
+            for row in res["rows"]:
+                row.setdefault("commit", previous.get("commit"))
+        results = _merge(previous.get("results", []), results)
     aimet = RESULTS / "aimet_ref.json"
     payload = {"commit": commit, "environment": _environment(), "results": results,
                "threads": os.environ.get("OMP_NUM_THREADS")}
