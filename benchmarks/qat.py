@@ -128,8 +128,13 @@ def run_one_effnet(row: str, out: Path, epochs: int, threads: int, steps: int | 
     if row.startswith("qat"):
         from onnxq.train import TrainConfig, fit, prepare
 
+        ptq = out.with_suffix(".ptq.qdq.onnx")  # the starting point, evaluated as its own row
+        onnxq.save(sim.model, ptq, overwrite=True)
+        extra["ptq_qdq"] = str(ptq)
+        extra["ptq_vmhwm_bytes"] = _status_bytes("VmHWM")
+
         qat = prepare(sim, learn_ranges=row == "qat-range")
-        cfg = TrainConfig(epochs=epochs, batch_size=16, lr=2e-5, range_lr=5e-3, seed=0,
+        cfg = TrainConfig(epochs=epochs, batch_size=16, lr=5e-5, range_lr=5e-3, seed=0,
                           max_steps=steps, progress=False, shift=0.06)
         extra["history"] = fit(qat, {"input": images}, None, cfg)
         extra["train_config"] = dict(cfg.__dict__)
@@ -230,11 +235,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="fashion-resnet and/or effnet-lite0-bn (comma-separated)")
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--effnet-rows", default="adaround,qat-range")
-    parser.add_argument("--effnet-epochs", type=int, default=8,
+    parser.add_argument("--effnet-epochs", type=int, default=5,
                         help="QAT epochs over EfficientNet's 256 calibration images")
     parser.add_argument("--epochs", type=int, default=2, help="QAT epochs over the 60k images")
     parser.add_argument("--steps", type=int, default=None, help="cap on QAT steps (quick runs)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--note", help="a remark stored with the results (e.g. machine load)")
     parser.add_argument("--json", default=str(RESULTS / "qat.json"))
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -305,6 +311,13 @@ def run_effnet(work: Path, args: argparse.Namespace) -> None:
     _print(rows[0], fp32)
     for row in args.effnet_rows.split(","):
         res = spawn(row, work, args, "effnet-lite0-bn", args.effnet_epochs)
+        if "ptq_qdq" in res:  # the AdaRound model QAT started from, measured in the same process
+            ptq = {"row": "adaround", "label": "W4A8 pc  AdaRound (PTQ; start of QAT)",
+                   "wall_s": res["ptq_s"], "vmhwm_bytes": res["ptq_vmhwm_bytes"]}
+            ptq.update(evaluate(Path(res["ptq_qdq"])))
+            ptq["accuracy"] = ptq["top1"]
+            rows.append(ptq)
+            _print(ptq, fp32)
         if "error" not in res:
             res.update(evaluate(Path(res["qdq"])))
             res["accuracy"] = res["top1"]
@@ -314,7 +327,7 @@ def run_effnet(work: Path, args: argparse.Namespace) -> None:
         rows.append(res)
         _print(res, fp32)
     payload = {"commit": _commit(), "environment": _environment(), "threads": args.threads,
-               "epochs": args.effnet_epochs,
+               "epochs": args.effnet_epochs, "note": args.note,
                "results": [{"model": "effnet-lite0-bn", "metric": "top1", "fp32": fp32,
                             "rows": rows}]}
     _write(args.json, payload, "effnet-lite0-bn")

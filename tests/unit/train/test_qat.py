@@ -18,6 +18,15 @@ from onnxq.quant.config import QuantConfig, QuantSpec
 from onnxq.runtime import run
 from onnxq.train import TrainConfig, fit, prepare
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny tensors: a second OpenMP thread only spin-waits (much slower on a shared machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 TINY = """<ir_version: 8, opset_import: ["" : 17]>
 g (float[N,3,8,8] image) => (float[N,10] logits)
   <float[8,3,3,3] w1, float[8] b1, float[8,8,3,3] w2, float[8] b2, float[10,8] fc, float[10] fcb> {
