@@ -171,8 +171,9 @@ def _parser() -> argparse.ArgumentParser:
     qat.add_argument("--calib-limit", type=int, default=256, help="samples used to calibrate")
     qat.add_argument("--epochs", type=int, default=1)
     qat.add_argument("--batch-size", type=int, default=32)
-    qat.add_argument("--lr", type=float, default=1e-5, help="weights' learning rate (AdamW)")
-    qat.add_argument("--range-lr", type=float, default=1e-3, help="ranges' learning rate")
+    qat.add_argument("--lr", type=float, default=1e-4, help="weights' learning rate (AdamW)")
+    qat.add_argument("--range-lr", type=float, default=1e-2,
+                     help="ranges' learning rate (on log-scales: 1e-2 ≈ 1 %% per step)")
     qat.add_argument("--no-augment", action="store_true", help="no flip/shift of image inputs")
     qat.add_argument("--seed", type=int, default=0)
     qat.add_argument("--checkpoint-dir", help="checkpoint after each epoch (default OUT/checkpoints)")

@@ -41,8 +41,8 @@ log = logging.getLogger(__name__)
 class TrainConfig:
     epochs: int = 1
     batch_size: int = 32
-    lr: float = 1e-5
-    range_lr: float = 1e-3
+    lr: float = 1e-4
+    range_lr: float = 1e-2
     weight_decay: float = 0.0
     warmup: float = 0.05
     temperature: float = 1.0
