@@ -15,7 +15,7 @@ Rows (one run, side by side):
 Fine-tuning (``--finetune-epochs N``): distillation from the uncompressed model after each stage
 (:mod:`onnxq.compress.finetune`, on ``onnxq.train``'s graph executor; torch) on every training
 sample given (``--train-samples`` for Fashion-MNIST; the 256 − 51 calibration images that are not
-held out for EfficientNet-Lite0). Rows are keyed by (model, epochs) in the JSON: a run adds or
+held out for EfficientNet-Lite0). Rows are keyed by (model, epochs, learning rate) in the JSON: a run adds or
 replaces its rows and keeps the others.
 Latency: onnxruntime, graph optimizations on, batch 1, median of 50 runs, measured for the FP32
 and compressed models alternately over 3 rounds (best round each), so that load from other
@@ -134,7 +134,7 @@ def _latency_pair(a: Any, b: Any, rounds: int = 3) -> tuple[dict, dict]:
 
 
 def run_row(model_id: str, workers: int, finetune_epochs: int, cache_dir: str | None,
-            train_samples: int = 640) -> dict | None:
+            train_samples: int = 640, finetune_lr: float = 1e-4) -> dict | None:
     import onnxq
     from onnxq.compress import CompressConfig, compress
 
@@ -144,6 +144,7 @@ def run_row(model_id: str, workers: int, finetune_epochs: int, cache_dir: str | 
     original = onnxq.load(setup["path"])
     config = CompressConfig(target_macs=setup["target"], scheme=setup["scheme"], workers=workers,
                             calib_samples=setup["calib_samples"], finetune_epochs=finetune_epochs,
+                            finetune_lr=finetune_lr,
                             cache_dir=cache_dir, latency_repeats=10)
     start = time.perf_counter()
     result = compress(original, setup["data"], config=config, eval_data=setup.get("eval_data"))
@@ -157,6 +158,8 @@ def run_row(model_id: str, workers: int, finetune_epochs: int, cache_dir: str | 
         "scheme": setup["scheme"],
         "target_macs": setup["target"],
         "finetune_epochs": finetune_epochs,
+        "finetune_lr": finetune_lr if finetune_epochs else None,
+        # samples given to compress(); without eval_data its last fifth is held out for the proxy
         "train_samples": sum(len(next(iter(b.values()))) for b in setup["data"]),
         "test_images": len(setup["labels"]),
         "top1_fp32": top1_fp32,
@@ -181,8 +184,10 @@ def run_row(model_id: str, workers: int, finetune_epochs: int, cache_dir: str | 
 
 
 def _ft(row: dict) -> str:
-    """'-' without fine-tuning, else epochs x samples (e.g. '2x10000')."""
-    return f"{row['finetune_epochs']}x{row.get('train_samples', '?')}" if row["finetune_epochs"] else "-"
+    """'-' without fine-tuning, else epochs x samples @ lr (e.g. '2x10000@1e-04')."""
+    if not row["finetune_epochs"]:
+        return "-"
+    return f"{row['finetune_epochs']}x{row.get('train_samples', '?')}@{row.get('finetune_lr') or 1e-4:.0e}"
 
 
 def _table(rows: list[dict]) -> str:
@@ -191,7 +196,7 @@ def _table(rows: list[dict]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['model']:<14} {r['scheme']:<8} {_ft(r):>9} {r['macs_ratio']:>7.3f} {r['params'] / r['params_fp32']:>7.3f} "
+            f"{r['model']:<14} {r['scheme']:<8} {_ft(r):>15} {r['macs_ratio']:>7.3f} {r['params'] / r['params_fp32']:>7.3f} "
             f"{r['top1_fp32']:>10.4f} {r['top1']:>7.4f} {r['agreement_with_fp32']:>6.3f} "
             f"{r['latency_fp32_ms']:>7.2f}ms {r['latency_ms']:>5.2f}ms {r['compress_seconds']:>6.0f}s")
     return "\n".join(lines)
@@ -203,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--finetune-epochs", type=int, default=0)
     parser.add_argument("--cache-dir", help="sweep cache (default ~/.cache/onnxq/compress)")
+    parser.add_argument("--finetune-lr", type=float, default=1e-4)
     parser.add_argument("--train-samples", type=int, default=640,
                         help="Fashion-MNIST training images given to compress (calibration, fine-tuning)")
     parser.add_argument("--json", default=str(RESULTS / "compress.json"))
@@ -212,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     rows = []
     for model_id in [m.strip() for m in args.models.split(",") if m.strip()]:
-        row = run_row(model_id, args.workers, args.finetune_epochs, args.cache_dir, args.train_samples)
+        row = run_row(model_id, args.workers, args.finetune_epochs, args.cache_dir, args.train_samples,
+                      args.finetune_lr)
         if row is not None:
             rows.append(row)
             log.info("%s done in %.0f s", model_id, row["compress_seconds"])
@@ -220,10 +227,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.json and rows:
         path = Path(args.json)
         old = json.loads(path.read_text()) if path.is_file() else {}
-        by_key = {(r["model"], r["finetune_epochs"]): r for r in old.get("rows", [])}
-        by_key.update({(r["model"], r["finetune_epochs"]): r for r in rows})
+        def key(r: dict) -> tuple:
+            return r["model"], r["finetune_epochs"], r.get("finetune_lr") if r["finetune_epochs"] else None
+
+        by_key = {key(r): r for r in old.get("rows", [])}
+        by_key.update({key(r): r for r in rows})
         data = {"host": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
-                "rows": sorted(by_key.values(), key=lambda r: (r["model"], r["finetune_epochs"]))}
+                "rows": sorted(by_key.values(), key=lambda r: (r["model"], r["finetune_epochs"],
+                                                                r.get("finetune_lr") or 0.0))}
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data, indent=1, default=float))
         print(f"wrote {path}")
