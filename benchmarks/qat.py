@@ -107,7 +107,8 @@ def effnet_config() -> Any:
     )
 
 
-def run_one_effnet(row: str, out: Path, epochs: int, threads: int, steps: int | None) -> None:
+def run_one_effnet(row: str, out: Path, epochs: int, threads: int, steps: int | None,
+                   lr: float = 5e-5) -> None:
     """EfficientNet-Lite0 W4A8: AdaRound on the 256 calibration images, then (``qat-*``) QAT by
     distillation from FP32 on the same 256 images (no labels)."""
     import torch
@@ -134,7 +135,7 @@ def run_one_effnet(row: str, out: Path, epochs: int, threads: int, steps: int | 
         extra["ptq_vmhwm_bytes"] = _status_bytes("VmHWM")
 
         qat = prepare(sim, learn_ranges=row == "qat-range")
-        cfg = TrainConfig(epochs=epochs, batch_size=16, lr=5e-5, range_lr=5e-3, seed=0,
+        cfg = TrainConfig(epochs=epochs, batch_size=16, lr=lr, range_lr=5e-3, seed=0,
                           max_steps=steps, progress=False, shift=0.06)
         extra["history"] = fit(qat, {"input": images}, None, cfg)
         extra["train_config"] = dict(cfg.__dict__)
@@ -201,7 +202,8 @@ def spawn(row: str, work: Path, args: argparse.Namespace, model: str = "fashion-
     out = work / f"{model}.{row}.json"
     log_file = out.with_suffix(".log")
     cmd = [sys.executable, "-m", "benchmarks.qat", "--one", f"{model}:{row}", "--out", str(out),
-           "--epochs", str(epochs or args.epochs), "--threads", str(args.threads)]
+           "--epochs", str(epochs or args.epochs), "--threads", str(args.threads),
+           "--effnet-lr", str(args.effnet_lr)]
     if args.steps:
         cmd += ["--steps", str(args.steps)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
@@ -240,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=2, help="QAT epochs over the 60k images")
     parser.add_argument("--steps", type=int, default=None, help="cap on QAT steps (quick runs)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--effnet-lr", type=float, default=5e-5, help="EfficientNet QAT weight lr")
     parser.add_argument("--note", help="a remark stored with the results (e.g. machine load)")
     parser.add_argument("--json", default=str(RESULTS / "qat.json"))
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -249,8 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.one:
         model, _, row = args.one.rpartition(":")
-        runner = run_one_effnet if model == "effnet-lite0-bn" else run_one
-        runner(row, Path(args.out), args.epochs, args.threads, args.steps)
+        if model == "effnet-lite0-bn":
+            run_one_effnet(row, Path(args.out), args.epochs, args.threads, args.steps,
+                           args.effnet_lr)
+        else:
+            run_one(row, Path(args.out), args.epochs, args.threads, args.steps)
         return 0
     import tempfile
 
@@ -279,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"commit": _commit(), "environment": _environment(), "threads": args.threads,
                "epochs": args.epochs, "steps": args.steps,
                "results": [{"model": "fashion-resnet", "metric": "top1", "fp32": fp32,
+                            "epochs": args.epochs, "threads": args.threads, "note": args.note,
                             "rows": rows}]}
     _write(args.json, payload, "fashion-resnet")
     return 0
@@ -327,9 +334,10 @@ def run_effnet(work: Path, args: argparse.Namespace) -> None:
         rows.append(res)
         _print(res, fp32)
     payload = {"commit": _commit(), "environment": _environment(), "threads": args.threads,
-               "epochs": args.effnet_epochs, "note": args.note,
+               "epochs": args.effnet_epochs, "lr": args.effnet_lr, "note": args.note,
                "results": [{"model": "effnet-lite0-bn", "metric": "top1", "fp32": fp32,
-                            "rows": rows}]}
+                            "epochs": args.effnet_epochs, "lr": args.effnet_lr,
+                            "threads": args.threads, "note": args.note, "rows": rows}]}
     _write(args.json, payload, "effnet-lite0-bn")
 
 

@@ -8,7 +8,16 @@
 
 Modules: :mod:`~onnxq.train.ops` (op registry), :mod:`~onnxq.train.fake_quant`,
 :mod:`~onnxq.train.executor` (the graph as a module), :mod:`~onnxq.train.qat` (prepare/export),
-:mod:`~onnxq.train.loop` (distillation loop).
+:mod:`~onnxq.train.loop` (distillation loop; ``run_qat`` is ``onnxq qat`` file to file).
+
+Measured (``benchmarks/qat.py``, Fashion-MNIST ResNet, W4A4 per-channel, 2 epochs of
+distillation without labels, one thread): FP32 91.07 %, nearest 59.26 %, AdaRound 88.54 %, QAT
+fixed ranges 89.97 % (159 s), QAT range learning 90.62 % (244 s). The exported QDQ model and
+the torch module agree on all 10k test images (output SQNR 139 dB).
+
+Torch threads: on a machine whose cores are shared with other processes, use
+``torch.set_num_threads(1)``: two OpenMP threads that spin-wait on each other made a QAT step
+~10x slower here.
 """
 
 from __future__ import annotations

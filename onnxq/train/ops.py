@@ -663,7 +663,7 @@ def resize(attrs: Attrs, x: torch.Tensor, roi: torch.Tensor | None = None,
         kwargs: dict[str, Any] = {"size": out}
     else:
         sc = [float(v) for v in scales.reshape(-1).tolist()]  # type: ignore[union-attr]
-        out = [int(math.floor(d * s)) for d, s in zip(x.shape[2:], sc[2:])]
+        out = [math.floor(d * s) for d, s in zip(x.shape[2:], sc[2:])]
         kwargs = {"size": out}
         if all(abs(o / d - s) < 1e-6 for o, d, s in zip(out, x.shape[2:], sc[2:])):
             kwargs = {"scale_factor": sc[2:]}
