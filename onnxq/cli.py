@@ -80,8 +80,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="learn each weight's rounding (AdaRound, layer by layer on calibration data)")
     qua.add_argument("--adaround-iterations", type=int, metavar="N",
                      help="AdaRound iterations per layer (default 1000)")
-    qua.add_argument("--bias-correction", choices=("empirical", "analytic", "hybrid"),
-                     help="correct the output mean shift of quantized weights")
+    qua.add_argument("--bias-correction", choices=("empirical", "analytic", "hybrid", "none"),
+                     help="correct the output mean shift of quantized weights (with --passes dfq: "
+                          "analytic unless set; 'none' turns it off)")
     qua.add_argument("-o", "--output", required=True, help="output folder")
 
     ana = sub.add_parser("analyze", help="diagnose a quantization, try fixes, write an HTML report and a plan")
@@ -356,7 +357,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if args.adaround or args.adaround_iterations:
         steps["adaround"] = ({"iterations": args.adaround_iterations}
                              if args.adaround_iterations else True)
-    if args.bias_correction:
+    if args.bias_correction == "none":
+        steps["bias_correction"] = False
+    elif args.bias_correction:
         steps["bias_correction"] = {"mode": args.bias_correction}
     update, close = _progress(len(data) if hasattr(data, "__len__") else None, "calibrating")
     try:

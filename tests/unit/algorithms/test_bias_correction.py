@@ -132,3 +132,26 @@ def test_analytic_input_mean_walks_cle_clips_pads_residual_adds_and_pooling():
     np.testing.assert_allclose(_input_mean(layers["f"], by_output), beta1 + beta3, atol=1e-9)
     reason = _input_mean(layers["k"], by_output)
     assert isinstance(reason, str) and "clip after the Add" in reason
+
+
+def test_dfq_preset_ends_with_analytic_bias_correction_unless_turned_off():
+    """quantize(passes="dfq") corrects biases from the BN statistics (data-free) by default."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N,3,8,8] x) => (float[N,4,8,8] y) <float[6,3,3,3] w1, float[6] gamma, float[6] beta, float[6] mean, float[6] var, float[4,6,1,1] w2, float[4] b2> {
+        a = Conv <pads = [1, 1, 1, 1]> (x, w1)
+        n = BatchNormalization (a, gamma, beta, mean, var)
+        r = Relu (n)
+        y = Conv (r, w2, b2)
+    }"""
+    model = model_from_text(text)
+    rng = np.random.default_rng(2)
+    data = [rng.standard_normal((4, 3, 8, 8)).astype(np.float32) for _ in range(2)]
+    config = QuantConfig(weights=QuantSpec(bits=4, symmetric=True))
+    bias = lambda s: next(i.const_value.numpy() for i in s.float_model.graph.initializers.values()  # noqa: E731
+                          if i.const_value is not None and i.const_value.numpy().shape == (4,))
+    default = onnxq.quantize(model, data, config, passes="dfq")
+    off = onnxq.quantize(model, data, config, passes="dfq", bias_correction=False)
+    explicit = bias_correction(off, mode="analytic")
+    assert not np.allclose(bias(default), bias(off))
+    np.testing.assert_allclose(bias(default), bias(explicit), rtol=1e-6)
