@@ -30,7 +30,7 @@ __all__ = ["SplitIdentity"]
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.passes._graph import add_initializer, attr, constant, is_op, weight_problem
+from onnxq.passes._graph import BN_STATS_KEY, add_initializer, attr, constant, is_op, weight_problem
 from onnxq.passes.base import OnnxqPass
 
 
@@ -137,3 +137,6 @@ def _split(graph: ir.Graph, node: ir.Node, diag: np.ndarray, moved: np.ndarray) 
                 graph.outputs[i] = add.outputs[0]
     out.name = f"{name}_conv"
     add.outputs[0].name = name
+    # the folded BN's N(β, γ²) describes the sum, no longer the conv's own output: analytic
+    # bias correction must not read it there
+    node.meta.pop(BN_STATS_KEY, None)

@@ -153,3 +153,15 @@ def test_cleanup_after_split_keeps_the_graph_valid():
     Cleanup()(model)
     out = run(model, random_feeds(model))
     assert out[0].shape == (2, 8, 8, 8)
+
+
+def test_split_conv_no_longer_carries_the_folded_bn_statistics():
+    """The folded BN's N(β, γ²) describes the sum conv + identity, not the conv alone: the
+    statistics leave the conv so that analytic bias correction does not misread them."""
+    from onnxq.passes._graph import BN_STATS_KEY
+
+    model = _conv_model(_weight(8))
+    conv = next(iter(model.graph))
+    conv.meta[BN_STATS_KEY] = {"gamma": np.ones(8), "beta": np.zeros(8)}
+    assert SplitIdentity()(model).modified
+    assert BN_STATS_KEY not in conv.meta
