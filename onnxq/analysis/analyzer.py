@@ -304,7 +304,11 @@ def analyze(
         timing[name] = round(now - clock, 3)
         clock = now
 
-    qconfig = _as_config(config)
+    # integer clips (Q → Min(int) → DQ, CLE's ReLU6 bounds) are not one Q/DQ pair, which the
+    # per-quantizer views (bypass, lossless, sensitivity) are built on: analysis models keep
+    # such clips in float, and the plan records it so `onnxq quantize --config plan.json`
+    # builds the model that was measured
+    qconfig = _as_config(config).replace(integer_clips=False)
     pass_list = _passes_tuple(passes)
     ev.resolve_evaluator(evaluate)  # an unimportable --eval fails here, not in every worker
     source = onnxq.load(model)

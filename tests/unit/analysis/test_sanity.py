@@ -58,3 +58,28 @@ def test_wrong_weight_zero_point_is_caught():
     dq.replace_input_with(2, wrong)
     result = check_sanity(sim.model, sim.float_model, batches(1))
     assert any(p["quantizer"] == "w:gemm_7" and "steps" in p["problem"] for p in result.problems)
+
+
+def test_analysis_of_a_model_with_per_channel_clips_passes_sanity():
+    """CLE's ``Relu → Min(·, c)`` becomes an integer clip in a plain quantize (Q → Min → DQ),
+    which the per-quantizer views do not model yet: the analyzer keeps such clips in float (and
+    its plan says so), so the sanity check of a correct model still passes exactly."""
+    from tests.conftest import model_from_text
+
+    from onnxq.analysis import AnalysisConfig, analyze
+
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,3,8,8] x) => (float[N,4,8,8] y) <float[6,3,3,3] w1, float[6] b1, float[6,1,1] c, float[4,6,1,1] w2, float[4] b2> {
+    a = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+    r = Relu (a)
+    m = Min (r, c)
+    y = Conv (m, w2, b2)
+}"""
+    rng = np.random.default_rng(0)
+    model = model_from_text(text, c=np.array([6, 1, 3, 0.5, 2, 4], np.float32).reshape(6, 1, 1))
+    data = [{"x": rng.standard_normal((4, 3, 8, 8)).astype(np.float32)} for _ in range(2)]
+    plain = onnxq.quantize(model, data)
+    assert any(n.op_type == "Min" and n.inputs[0].producer().op_type == "QuantizeLinear" for n in plain.model.graph)
+    result = analyze(model, data, options=AnalysisConfig(workers=1, fixes=()))
+    assert result.data["sanity"]["ok"], result.data["sanity"]
+    assert result.data["plan"]["config"]["integer_clips"] is False
