@@ -62,7 +62,17 @@ def rows_for(model: str) -> list[Row]:
             steps={"seq_mse": True, "adaround": True}),
         Row("w4a8-bc", "W4A8 pc  bias correction (empirical)",
             steps={"bias_correction": {"mode": "empirical"}}),
+        Row("w4a8-adaround-fit", "W4A8 pc  AdaRound + bias refit",
+            steps={"adaround": {"fit_bias": True}}),
     ]
+    if model == "ppocr-rec":
+        split = ("fold-bn", "split-identity")
+        rows += [
+            Row("w4a8-split-adaround", "W4A8 pc  split-identity + AdaRound", passes=split,
+                steps={"adaround": True}),
+            Row("w4a8-split-adaround-fit", "W4A8 pc  split-identity + AdaRound + bias refit",
+                passes=split, steps={"adaround": {"fit_bias": True}}),
+        ]
     if model == "effnet-lite0-bn":
         rows += [
             Row("w8a8-pt-dfq", "W8A8 pt  dfq nearest", 8, per_channel=False, passes="dfq"),

@@ -170,7 +170,20 @@ def input_session(model: ir.Model, value_name: str) -> Any:
     the name itself when it is a graph input (read straight from the feeds)."""
     if any(v.name == value_name for v in model.graph.inputs):
         return value_name
-    return create_session(_exposed(model, [value_name]), optimize=True)
+    # onnxruntime's fused integer kernels take no 4-bit activations (the QDQ fusion would build
+    # a QLinearConv with a uint4 input, which it then cannot run): such models run unfused
+    return create_session(_exposed(model, [value_name]), optimize=not _has_4bit_activations(model))
+
+
+def _has_4bit_activations(model: ir.Model) -> bool:
+    four = (ir.DataType.INT4, ir.DataType.UINT4)
+    for node in model.graph:
+        if node.op_type == "QuantizeLinear" and len(node.inputs) > 2 and node.inputs[2] is not None:
+            zero = node.inputs[2]
+            dtype = zero.const_value.dtype if zero.const_value is not None else zero.dtype
+            if dtype in four:
+                return True
+    return False
 
 
 def capture_inputs(

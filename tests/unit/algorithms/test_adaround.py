@@ -192,3 +192,16 @@ def test_adaround_with_bias_fit_writes_the_same_bias_to_both_models():
     (ref,) = onnxq.runtime.run(sim.float_model, {"x": test})
     err = lambda m: float(np.mean((onnxq.runtime.run(m, {"x": test}, optimize=True)[0] - ref) ** 2))  # noqa: E731
     assert err(fitted.model) < err(sim.model)
+
+
+def test_adaround_with_4bit_activations_runs():
+    """W4A4: the layer inputs come from a model with uint4 activations, which onnxruntime runs
+    only unfused (its QLinearConv takes no 4-bit input)."""
+    model = model_from_text(MODEL)
+    rng = np.random.default_rng(0)
+    data = [rng.standard_normal((8, 3, 8, 8)).astype(np.float32) for _ in range(2)]
+    config = QuantConfig(weights=QuantSpec(bits=4, symmetric=True, per_channel=True),
+                         activations=QuantSpec(bits=4))
+    sim = onnxq.quantize(model, data, config)
+    out = adaround(sim, data, iterations=50, rows_per_layer=256)
+    assert all(e.frozen for e in out.encodings if e.kind == "param" and e.bits == 4)
