@@ -59,7 +59,8 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
         dtype = np.dtype(value.dtype.numpy()) if value.dtype is not None else None
         shape = None
         if value.shape is not None:
-            shape = tuple(d if isinstance(d, int) else None for d in value.shape)
+            # a negative dimension (PaddlePaddle exports write -1) is dynamic, as a symbolic one
+            shape = tuple(d if isinstance(d, int) and d >= 0 else None for d in value.shape)
         optional = value.name in model.graph.initializers
         specs.append(InputSpec(value.name, dtype, shape, optional))
     return specs
@@ -74,7 +75,7 @@ def _normalize_specs(model_inputs: Any) -> list[InputSpec]:
             specs.append(item)
             continue
         name, dtype, shape, *rest = item
-        shape = None if shape is None else tuple(d if isinstance(d, int) else None for d in shape)
+        shape = None if shape is None else tuple(d if isinstance(d, int) and d >= 0 else None for d in shape)
         dtype = None if dtype is None else np.dtype(dtype)
         specs.append(InputSpec(name, dtype, shape, bool(rest[0]) if rest else False))
     return specs

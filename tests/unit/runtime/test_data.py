@@ -196,3 +196,14 @@ def test_onnxruntime_calibration_data_reader_works_as_is():
             return next(self.items, None)
 
     assert len(list(as_batches(OrtReader(), SPECS))) == 3
+
+
+def test_negative_dimensions_are_dynamic():
+    """PaddlePaddle exports declare the batch as -1: any batch size is accepted."""
+    from tests.conftest import model_from_text
+
+    model = model_from_text("""<ir_version: 8, opset_import: ["" : 17]>
+g (float[-1,3,4,4] x) => (float[-1,3,4,4] y) { y = Relu (x) }""")
+    specs = input_specs(model)
+    assert specs[0].shape == (None, 3, 4, 4)
+    assert [b["x"].shape[0] for b in as_batches([_x(2), _x(5)], specs)] == [2, 5]
