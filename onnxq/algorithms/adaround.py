@@ -59,9 +59,11 @@ class AdaRoundConfig:
     #: inputs from the model with activations quantized (False: weights-only model)
     act_quant: bool = True
     #: after rounding, refit the layer's bias on the same rows (Gauss-Newton on
-    #: ‖f(W̃·x_q + b + δ) − target‖²): removes the mean shift that the rounding and the quantized
-    #: inputs leave, as bias correction would, at no extra pass over the data
-    fit_bias: bool = False
+    #: ‖f(W̃·x_q + b + δ) − target‖², after the activation, unlike bias correction which matches
+    #: pre-activation means): at no extra pass over the data. Measured W4A8: PP-OCR rec CER
+    #: 7.05 % → 2.87 %; EfficientNet-Lite0 KL(FP32‖Q) 0.149 → 0.119 (top-1 0.873 → 0.865, within
+    #: the noise of 244 images)
+    fit_bias: bool = True
     #: use at most this many calibration samples (None: all)
     max_samples: int | None = None
     memory_budget_mb: float = 1024.0
@@ -237,8 +239,8 @@ def round_layer(job: LayerJob, cfg: AdaRoundConfig) -> Solution:
 
 
 def _bias_writable(job: LayerJob) -> bool:
-    wl = job.layer.weight_layer
-    if job.layer.op_type not in ("Conv", "ConvTranspose", "Gemm") or wl.bias_value is None:
+    wl = getattr(job.layer, "weight_layer", None)  # None: a bare row problem, no graph layer
+    if wl is None or job.layer.op_type not in ("Conv", "ConvTranspose", "Gemm") or wl.bias_value is None:
         return False
     return wl.bias_problem() is None and float(attr(job.layer.node, "beta", 1.0)) == 1.0
 
