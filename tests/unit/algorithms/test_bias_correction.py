@@ -58,16 +58,18 @@ def test_empirical_bias_correction_removes_a_planted_mean_shift():
     np.testing.assert_allclose(b, -before, rtol=0.02, atol=1e-4)
 
 
+CONV_BN_RELU_CONV = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,3,8,8] x) => (float[N,4,8,8] y) <float[6,3,3,3] w1, float[6] gamma, float[6] beta, float[6] mean, float[6] var, float[4,6,1,1] w2, float[4] b2> {
+    a = Conv <pads = [1, 1, 1, 1]> (x, w1)
+    n = BatchNormalization (a, gamma, beta, mean, var)
+    r = Relu (n)
+    y = Conv (r, w2, b2)
+}"""
+
+
 def test_analytic_bias_correction_uses_folded_batchnorm_statistics():
-    text = """
-    <ir_version: 8, opset_import: ["" : 17]>
-    g (float[N,3,8,8] x) => (float[N,4,8,8] y) <float[6,3,3,3] w1, float[6] gamma, float[6] beta, float[6] mean, float[6] var, float[4,6,1,1] w2, float[4] b2> {
-        a = Conv <pads = [1, 1, 1, 1]> (x, w1)
-        n = BatchNormalization (a, gamma, beta, mean, var)
-        r = Relu (n)
-        y = Conv (r, w2, b2)
-    }"""
-    model = model_from_text(text)
+    model = model_from_text(CONV_BN_RELU_CONV)
     rng = np.random.default_rng(2)
     data = [rng.standard_normal((4, 3, 8, 8)).astype(np.float32) for _ in range(2)]
     config = QuantConfig(weights=QuantSpec(bits=4, symmetric=True))
@@ -136,15 +138,7 @@ def test_analytic_input_mean_walks_cle_clips_pads_residual_adds_and_pooling():
 
 def test_dfq_preset_ends_with_analytic_bias_correction_unless_turned_off():
     """quantize(passes="dfq") corrects biases from the BN statistics (data-free) by default."""
-    text = """
-    <ir_version: 8, opset_import: ["" : 17]>
-    g (float[N,3,8,8] x) => (float[N,4,8,8] y) <float[6,3,3,3] w1, float[6] gamma, float[6] beta, float[6] mean, float[6] var, float[4,6,1,1] w2, float[4] b2> {
-        a = Conv <pads = [1, 1, 1, 1]> (x, w1)
-        n = BatchNormalization (a, gamma, beta, mean, var)
-        r = Relu (n)
-        y = Conv (r, w2, b2)
-    }"""
-    model = model_from_text(text)
+    model = model_from_text(CONV_BN_RELU_CONV)
     rng = np.random.default_rng(2)
     data = [rng.standard_normal((4, 3, 8, 8)).astype(np.float32) for _ in range(2)]
     config = QuantConfig(weights=QuantSpec(bits=4, symmetric=True))
