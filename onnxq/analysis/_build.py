@@ -23,7 +23,7 @@ import onnx_ir as ir
 from onnxq.quant.annotate import annotate
 from onnxq.quant.config import QuantConfig
 from onnxq.quant.insert_qdq import insert_qdq, required_opset
-from onnxq.quant.sim import QuantSim
+from onnxq.quant.sim import QuantSim, group_ranges
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class Builder:
     def build(self, config: QuantConfig, passes: Sequence[str]) -> QuantSim:
         """The simulation ``onnxq.quantize(model, batches, config, passes)`` would return."""
         from onnxq.passes.cleanup import Cleanup
-        from onnxq.quant.observers import RANGE_METHODS, weight_range
+        from onnxq.quant.observers import weight_range
         from onnxq.quant.sim import _upgrade_opset
 
         float_model = self.float_model(passes)
@@ -85,22 +85,7 @@ class Builder:
             key = tuple(passes)
         names = sorted({v.name for g in plan.groups for v in g.members if v.name})
         observers = self.observers(key, names)
-        ranges: dict[int, tuple[float, float]] = {}
-        for group in plan.groups:
-            if group.fixed_range is not None:
-                ranges[id(group)] = group.fixed_range
-                continue
-            los, his = [], []
-            for v in group.members:
-                obs = observers.get(v.name)
-                if obs is None:
-                    continue
-                lo, hi = RANGE_METHODS[group.spec.range_method](
-                    obs, bits=group.spec.bits, symmetric=group.spec.symmetric
-                )
-                los.append(lo)
-                his.append(hi)
-            ranges[id(group)] = (min(los), max(his)) if los else (0.0, 1.0)
+        ranges = group_ranges(plan, observers)
         qdq = upgraded.clone()
         plan_q = annotate(qdq, config)
         ranges_q = {id(gq): ranges[id(g)] for g, gq in zip(plan.groups, plan_q.groups)}

@@ -254,6 +254,30 @@ def _data_step(sim: QuantSim, step: Any, data: Any) -> QuantSim:
     return run(sim, data, cfg)
 
 
+def group_ranges(plan: Any, observers: Mapping[str, Any]) -> dict[int, tuple[float, float]]:
+    """``id(group) → (lo, hi)`` for each tied group of ``plan``: its fixed range, else the union of
+    its observed members' ranges by the group's range method ((0, 1) when none was observed)."""
+    from onnxq.quant.observers import RANGE_METHODS
+
+    ranges: dict[int, tuple[float, float]] = {}
+    for group in plan.groups:
+        if group.fixed_range is not None:
+            ranges[id(group)] = group.fixed_range
+            continue
+        los, his = [], []
+        for v in group.members:
+            obs = observers.get(v.name)
+            if obs is None:
+                continue
+            lo, hi = RANGE_METHODS[group.spec.range_method](
+                obs, bits=group.spec.bits, symmetric=group.spec.symmetric
+            )
+            los.append(lo)
+            his.append(hi)
+        ranges[id(group)] = (min(los), max(his)) if los else (0.0, 1.0)
+    return ranges
+
+
 def rebuild(
     sim: QuantSim,
     float_model: ir.Model,
@@ -299,7 +323,7 @@ def _calibrate_and_build(
     progress: Callable[[int], None] | None,
     given: dict[str, Encoding] | None = None,
 ) -> QuantSim:
-    from onnxq.quant.observers import RANGE_METHODS, weight_range
+    from onnxq.quant.observers import weight_range
     from onnxq.runtime.capture import collect_statistics
 
     names = sorted({v.name for g in plan.groups for v in g.members if v.name})
@@ -309,22 +333,7 @@ def _calibrate_and_build(
     observers = collect_statistics(
         float_model, names, calibration_data, histogram=needs_histogram, progress=progress
     )
-    ranges: dict[int, tuple[float, float]] = {}
-    for group in plan.groups:
-        if group.fixed_range is not None:
-            ranges[id(group)] = group.fixed_range
-            continue
-        los, his = [], []
-        for v in group.members:
-            obs = observers.get(v.name)
-            if obs is None:
-                continue
-            lo, hi = RANGE_METHODS[group.spec.range_method](
-                obs, bits=group.spec.bits, symmetric=group.spec.symmetric
-            )
-            los.append(lo)
-            his.append(hi)
-        ranges[id(group)] = (min(los), max(his)) if los else (0.0, 1.0)
+    ranges = group_ranges(plan, observers)
 
     qdq = float_model.clone()
     plan_q = annotate(qdq, config)
