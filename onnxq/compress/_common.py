@@ -14,6 +14,7 @@ __all__ = [
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -98,3 +99,24 @@ def rank_for_ratio(ratio: float, full_rank: int, macs_of_rank: Callable[[int], f
         return full_rank
     r = int(np.floor(ratio * original / per_rank + 1e-9))  # MACs are linear in r
     return int(max(1, min(full_rank, r)))
+
+
+def split_named(pass_: Any, graph: ir.Graph, wanted: set[str],
+                split: Callable[[ir.Node], str | None]) -> bool:
+    """Run ``split(node)`` on each node named in ``wanted`` (a reason string when it cannot);
+    counts changes and skips on ``pass_``; a name with no node is a skip. Returns "modified"."""
+    wanted = set(wanted)
+    modified = False
+    for node in list(graph):
+        if (node.name or "") not in wanted:
+            continue
+        wanted.discard(node.name)
+        reason = split(node)
+        if reason is None:
+            pass_.changed()
+            modified = True
+        else:
+            pass_.skip(node, reason)
+    for name in sorted(wanted):
+        pass_.skip(None, f"no node named '{name}'")
+    return modified

@@ -39,6 +39,7 @@ from onnxq.compress._common import (
     new_initializer,
     rank_for_ratio,
     replace_with,
+    split_named,
     truncated_svd,
 )
 from onnxq.compress.weight_svd import ORIGIN_KEY
@@ -85,20 +86,7 @@ class SpatialSVD(OnnxqPass):
             from onnxq.compress.macs import value_shapes
 
             shapes = value_shapes(model)
-        modified = False
-        for node in list(graph):
-            if (node.name or "") not in wanted:
-                continue
-            wanted.discard(node.name)
-            reason = self._split(graph, node, shapes or {})
-            if reason is None:
-                self.changed()
-                modified = True
-            else:
-                self.skip(node, reason)
-        for name in sorted(wanted):
-            self.skip(None, f"no node named '{name}'")
-        return modified
+        return split_named(self, graph, wanted, lambda node: self._split(graph, node, shapes or {}))
 
     def _split(self, graph: ir.Graph, node: ir.Node, shapes: Shapes) -> str | None:
         if not is_op(node, "Conv"):

@@ -36,6 +36,7 @@ from onnxq.compress._common import (
     new_initializer,
     rank_for_ratio,
     replace_with,
+    split_named,
     truncated_svd,
 )
 from onnxq.passes._graph import attr, is_op, weight_problem
@@ -77,20 +78,7 @@ class WeightSVD(OnnxqPass):
             return False
         self.chosen = {}
         wanted = set(self.ranks) | set(self.ratios)
-        modified = False
-        for node in list(graph):
-            if (node.name or "") not in wanted:
-                continue
-            wanted.discard(node.name)
-            reason = self._split(graph, node)
-            if reason is None:
-                self.changed()
-                modified = True
-            else:
-                self.skip(node, reason)
-        for name in sorted(wanted):
-            self.skip(None, f"no node named '{name}'")
-        return modified
+        return split_named(self, graph, wanted, lambda node: self._split(graph, node))
 
     def _split(self, graph: ir.Graph, node: ir.Node) -> str | None:
         if not is_op(node, ("Conv", "Gemm", "MatMul")):
