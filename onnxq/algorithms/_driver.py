@@ -138,7 +138,7 @@ class _WorkingModel:
                 set_constant(node.inputs[1], w_native.astype(np.float32))
                 return
 
-    def _set_bias(self, layer: Layer, node: ir.Node, b: np.ndarray) -> None:
+    def _set_bias(self, node: ir.Node, b: np.ndarray) -> None:
         """A new bias on the working model's layer: int32 codes at the bias scale it has, or
         the float bias of a layer whose bias is not quantized."""
         bias = node.inputs[2] if len(node.inputs) > 2 else None
@@ -169,7 +169,7 @@ class _WorkingModel:
         dq.inputs[0].const_value = _int_tensor(codes_native, _work_bits(enc.bits), enc.signed, dq.inputs[0].name or "")
         if sol.scale is None:
             if sol.bias is not None:
-                self._set_bias(layer, node, sol.bias)
+                self._set_bias(node, sol.bias)
             return
         flat = np.asarray(sol.scale, np.float64).reshape(-1)
         new_scale = flat[:1].reshape(()) if len(enc.scale) == 1 else flat
