@@ -80,9 +80,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="learn each weight's rounding (AdaRound, layer by layer on calibration data)")
     qua.add_argument("--adaround-iterations", type=int, metavar="N",
                      help="AdaRound iterations per layer (default 1000)")
-    qua.add_argument("--bias-correction", choices=("empirical", "analytic", "hybrid", "none"),
+    qua.add_argument("--bias-correction", choices=("empirical", "analytic", "measured", "hybrid", "none"),
                      help="correct the output mean shift of quantized weights (with --passes dfq: "
-                          "analytic unless set; 'none' turns it off)")
+                          "measured unless set; 'none' turns it off)")
     qua.add_argument("-o", "--output", required=True, help="output folder")
 
     ana = sub.add_parser("analyze", help="diagnose a quantization, try fixes, write an HTML report and a plan")

@@ -15,6 +15,11 @@ Quantization"). The correction subtracts it from the bias, ``b ← b − E[y_q �
   ``α = (a − μ)/σ``, ``β' = (b − μ)/σ`` (Relu: ``a = 0, b = ∞``; Relu6: ``[0, 6]``; after CLE
   ``[0, 6/s_c]`` per channel; none: ``E = μ``). Layers without such statistics are left alone
   (logged).
+* **measured**: the analytic formula with ``E[x_c]`` measured on the calibration data: one pass of
+  the float model that averages every layer input over batch and spatial positions (no
+  layer-by-layer QDQ runs). It covers every layer, whatever op computes its input, and uses the
+  statistics of the data the model will see rather than those of the training set that BatchNorm
+  recorded (PP-OCR rec: rendered text lines; its BN statistics describe neither).
 * **hybrid**: analytic where statistics exist, empirical elsewhere (needs data).
 """
 
@@ -41,7 +46,7 @@ from onnxq.runtime.session import create_session
 
 log = logging.getLogger(__name__)
 
-MODES = ("empirical", "analytic", "hybrid")
+MODES = ("empirical", "analytic", "measured", "hybrid")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,7 +239,7 @@ def bias_correction(
     from onnxq.quant.sim import rebuild
 
     cfg = dataclasses.replace(config or BiasCorrectionConfig(), **overrides)
-    if cfg.mode in ("empirical", "hybrid") and data is None:
+    if cfg.mode in ("empirical", "measured", "hybrid") and data is None:
         raise ConfigError(f"bias correction mode '{cfg.mode}' needs calibration data")
     t0 = time.perf_counter()
     float_model = sim.float_model.clone()
@@ -261,7 +266,11 @@ def bias_correction(
     by_output = {id(layer.output): layer for layer in layers}
     reference = {layer.name: layer for layer in find_layers(sim.fp32_model, wanted)[0]}
     analytic: dict[str, np.ndarray] = {}
-    if cfg.mode in ("analytic", "hybrid"):
+    measured: dict[str, np.ndarray] = {}
+    if cfg.mode == "measured":
+        batches = materialize(data, float_model, cfg.max_samples)
+        measured = _measured_input_means(float_model, usable, batches)
+    if cfg.mode in ("analytic", "measured", "hybrid"):
         if any(e.frozen for e in encs.values()):
             log.warning(
                 "bias-correction (%s): some weights were optimized by AdaRound/SeqMSE against the "
@@ -269,7 +278,7 @@ def bias_correction(
                 "part of that (EfficientNet-Lite0 W4A8 AdaRound: top-1 0.873 -> 0.811). Prefer "
                 "mode='empirical' after them.", cfg.mode)
         for layer in usable:
-            ex = _input_mean(layer, by_output)
+            ex = measured[layer.name] if cfg.mode == "measured" else _input_mean(layer, by_output)
             if isinstance(ex, str):
                 log.info("bias-correction: no analytic E[x] for '%s': %s", layer.name, ex)
                 continue
@@ -281,12 +290,12 @@ def bias_correction(
             analytic[layer.name] = delta
 
     corrected = 0
-    if cfg.mode == "analytic":
+    if cfg.mode in ("analytic", "measured"):
         for layer in usable:
             if layer.name in analytic:
                 layer.weight_layer.set_bias(float_model.graph, layer.weight_layer.bias() - analytic[layer.name])
                 corrected += 1
-        log.info("bias-correction (analytic): %d of %d layers in %.1f s", corrected, len(usable),
+        log.info("bias-correction (%s): %d of %d layers in %.1f s", cfg.mode, corrected, len(usable),
                  time.perf_counter() - t0)
         given = {e.name: e for e in sim.encodings if not e.name.endswith("_bias") and e.bits != 32}
         return rebuild(sim, float_model, given, None)
@@ -342,6 +351,38 @@ def bias_correction(
              time.perf_counter() - t0)
     given = {e.name: e for e in sim.encodings if e.kind == "param" and e.bits != 32}
     return rebuild(sim, float_model, given, batches)
+
+
+def _measured_input_means(
+    float_model: ir.Model, layers: list[Layer], batches: list[dict[str, np.ndarray]]
+) -> dict[str, np.ndarray | str]:
+    """E[x] per input channel of each layer, averaged over the batches (one float pass)."""
+    names = list(dict.fromkeys(layer.input.name for layer in layers if layer.input is not None))
+    sums: dict[str, Any] = {n: 0.0 for n in names}
+    counts = {n: 0 for n in names}
+    last = {n: False for n in names}  # channel axis last (Gemm / MatMul inputs)
+    for layer in layers:
+        if layer.input is not None and layer.op_type not in ("Conv", "ConvTranspose"):
+            last[layer.input.name] = True
+    if names:
+        session = create_session(_exposed(float_model, names), optimize=True)
+        inputs = {i.name for i in session.get_inputs()}
+        outs = [o.name for o in session.get_outputs()]
+        for feeds in batches:
+            for name, x in zip(outs, session.run(outs, {k: v for k, v in feeds.items() if k in inputs})):
+                x = np.asarray(x, np.float64)
+                axes = tuple(range(x.ndim - 1)) if last[name] else (0,) + tuple(range(2, x.ndim))
+                sums[name] = sums[name] + x.sum(axis=axes)
+                counts[name] += int(np.prod([x.shape[a] for a in axes]))
+        del session
+    means: dict[str, np.ndarray | str] = {}
+    for layer in layers:
+        if layer.input is None:
+            means[layer.name] = "its input has no name"
+            continue
+        name = layer.input.name
+        means[layer.name] = np.atleast_1d(sums[name] / max(counts[name], 1))
+    return means
 
 
 def by_name_op(layers: list[Layer], output_name: str) -> Layer:

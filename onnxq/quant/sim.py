@@ -172,8 +172,9 @@ def quantize(
     for the defaults, or a :class:`~onnxq.algorithms.SeqMseConfig` /
     :class:`~onnxq.algorithms.AdaRoundConfig` / :class:`~onnxq.algorithms.BiasCorrectionConfig`
     or a dict of its fields; they run in that order, after any listed in ``passes``. With the
-    ``dfq`` preset and no data-driven step, analytic (data-free) bias correction runs last, as
-    in the DFQ recipe; ``bias_correction=False`` turns it off.
+    ``dfq`` preset and no data-driven step, bias correction runs last, as in the DFQ recipe,
+    with the layer input means measured on the calibration data (``mode="measured"``);
+    ``bias_correction=False`` turns it off.
     """
     import onnxq
     from onnxq.passes.pipelines import parse_passes, split_data_steps
@@ -186,10 +187,13 @@ def quantize(
     if bias_correction is None and "dfq" in _pass_names(passes) and not any(
         (s[0] if isinstance(s, tuple) else s.name) in ("bias-correction", "adaround", "seq-mse") for s in steps
     ):
-        # the DFQ recipe ends with data-free bias correction (Nagel et al. 2019), from the BN
-        # statistics fold-bn kept: EfficientNet-Lite0 W8A8 per-tensor 0.881 -> 0.914 top-1
-        log.info("dfq: analytic (data-free) bias correction after calibration; bias_correction=False turns it off")
-        steps += (("bias-correction", {"mode": "analytic"}),)
+        # the DFQ recipe ends with bias correction (Nagel et al. 2019), Σ(W_q − W)·E[x] with E[x]
+        # measured on the calibration data (one float pass; the BN statistics fold-bn kept when
+        # there is none). W8A8 per-tensor: EfficientNet-Lite0 top-1 0.881 -> 0.910 (BN
+        # statistics: 0.914), PP-OCR rec CER 2.87 % -> 0.81 % (BN statistics: 3.93 %)
+        mode = "analytic" if calibration_data is None else "measured"
+        log.info("dfq: %s bias correction after calibration; bias_correction=False turns it off", mode)
+        steps += (("bias-correction", {"mode": mode}),)
     float_model = onnxq.optimize(model, recipe=float_recipe)
     facts = _node_facts(float_model)
     plan = annotate(float_model, config)

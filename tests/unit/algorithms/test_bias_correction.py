@@ -58,6 +58,38 @@ def test_empirical_bias_correction_removes_a_planted_mean_shift():
     np.testing.assert_allclose(b, -before, rtol=0.02, atol=1e-4)
 
 
+CONV_VALID = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,4,6,6] x) => (float[N,5,4,4] y) <float[5,4,3,3] w, float[5] b> {
+    y = Conv (x, w, b)
+}"""
+
+
+def test_measured_bias_correction_removes_a_planted_mean_shift_in_one_pass():
+    """Without padding Σ(W_q − W)·E[x] is the exact output shift: the measured-mean correction
+    removes it as completely as the empirical one, from one float pass."""
+    w = _shifted_model().graph.initializers["w"].const_value.numpy()
+    model = model_from_text(CONV_VALID, w=w, b=np.zeros(5, np.float32))
+    rng = np.random.default_rng(1)
+    # channel means differ (0.5 .. 2): a wrong E[x] would leave a shift
+    data = [(np.abs(rng.standard_normal((8, 4, 6, 6))) * np.array([0.5, 1, 1.5, 2])[:, None, None])
+            .astype(np.float32) for _ in range(4)]
+    config = QuantConfig(weights=QuantSpec(bits=4, symmetric=True), activations=QuantSpec(bits=16))
+    sim = onnxq.quantize(model, data, config)
+    measured = bias_correction(sim, data, mode="measured")
+    empirical = bias_correction(sim, data, mode="empirical")
+    feeds = {"x": np.concatenate(data)}
+    (ref,) = run(sim.float_model, feeds)
+    shift = lambda m: (run(m, feeds)[0] - ref).mean(axis=(0, 2, 3))  # noqa: E731
+    before = shift(sim.model)
+    assert np.all(np.abs(before) > 0.05)
+    assert np.max(np.abs(shift(measured.model))) < 1e-3 * np.max(np.abs(before)) + 1e-4
+    b = lambda s: s.float_model.graph.initializers["b"].const_value.numpy()  # noqa: E731
+    np.testing.assert_allclose(b(measured), b(empirical), rtol=1e-3, atol=1e-4)
+    with pytest.raises(onnxq.errors.ConfigError, match="needs calibration data"):
+        bias_correction(sim, mode="measured")
+
+
 CONV_BN_RELU_CONV = """
 <ir_version: 8, opset_import: ["" : 17]>
 g (float[N,3,8,8] x) => (float[N,4,8,8] y) <float[6,3,3,3] w1, float[6] gamma, float[6] beta, float[6] mean, float[6] var, float[4,6,1,1] w2, float[4] b2> {
@@ -136,8 +168,8 @@ def test_analytic_input_mean_walks_cle_clips_pads_residual_adds_and_pooling():
     assert isinstance(reason, str) and "clip after the Add" in reason
 
 
-def test_dfq_preset_ends_with_analytic_bias_correction_unless_turned_off():
-    """quantize(passes="dfq") corrects biases from the BN statistics (data-free) by default."""
+def test_dfq_preset_ends_with_measured_bias_correction_unless_turned_off():
+    """quantize(passes="dfq") corrects biases from input means measured on its data by default."""
     model = model_from_text(CONV_BN_RELU_CONV)
     rng = np.random.default_rng(2)
     data = [rng.standard_normal((4, 3, 8, 8)).astype(np.float32) for _ in range(2)]
@@ -146,6 +178,6 @@ def test_dfq_preset_ends_with_analytic_bias_correction_unless_turned_off():
                           if i.const_value is not None and i.const_value.numpy().shape == (4,))
     default = onnxq.quantize(model, data, config, passes="dfq")
     off = onnxq.quantize(model, data, config, passes="dfq", bias_correction=False)
-    explicit = bias_correction(off, mode="analytic")
+    explicit = bias_correction(off, data, mode="measured")
     assert not np.allclose(bias(default), bias(off))
     np.testing.assert_allclose(bias(default), bias(explicit), rtol=1e-6)
