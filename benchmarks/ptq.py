@@ -8,8 +8,9 @@ evaluates the QDQ model the child wrote. A row's time covers everything after lo
 float passes, calibration, the algorithms, and the final recalibration.
 
 Rows (per model): W4A8 per-channel with nearest rounding, SeqMSE, AdaRound, SeqMSE + AdaRound,
-empirical bias correction; EfficientNet-Lite0 also W8A8 per-tensor with CLE (``dfq`` passes)
-with and without bias correction (empirical and analytic). ``benchmarks/results/aimet_ref.json``
+empirical bias correction; EfficientNet-Lite0 and PP-OCR rec also W8A8 per-tensor with CLE
+(``dfq`` passes) with and without bias correction (empirical, analytic from BN statistics,
+measured input means). ``benchmarks/results/aimet_ref.json``
 (AIMET-ONNX on the same data, written by ``benchmarks/aimet_ref.py`` in its own venv) is shown
 beside them when present.
 
@@ -73,13 +74,16 @@ def rows_for(model: str) -> list[Row]:
             Row("w4a8-split-adaround-fit", "W4A8 pc  split-identity + AdaRound + bias refit",
                 passes=split, steps={"adaround": {"fit_bias": True}}),
         ]
-    if model == "effnet-lite0-bn":
+    if model in ("effnet-lite0-bn", "ppocr-rec"):
         rows += [
-            Row("w8a8-pt-dfq", "W8A8 pt  dfq nearest", 8, per_channel=False, passes="dfq"),
+            Row("w8a8-pt-dfq", "W8A8 pt  dfq nearest", 8, per_channel=False, passes="dfq",
+                steps={"bias_correction": False}),
             Row("w8a8-pt-dfq-bc", "W8A8 pt  dfq + bias correction (empirical)", 8,
                 per_channel=False, passes="dfq", steps={"bias_correction": {"mode": "empirical"}}),
             Row("w8a8-pt-dfq-bca", "W8A8 pt  dfq + bias correction (analytic)", 8,
                 per_channel=False, passes="dfq", steps={"bias_correction": {"mode": "analytic"}}),
+            Row("w8a8-pt-dfq-bcm", "W8A8 pt  dfq + bias correction (measured; dfq default)", 8,
+                per_channel=False, passes="dfq", steps={"bias_correction": {"mode": "measured"}}),
             Row("w8a8-pt-dfq-adaround", "W8A8 pt  dfq + AdaRound", 8, per_channel=False,
                 passes="dfq", steps={"adaround": True}),
         ]
