@@ -370,9 +370,8 @@ def _measured_input_means(
         outs = [o.name for o in session.get_outputs()]
         for feeds in batches:
             for name, x in zip(outs, session.run(outs, {k: v for k, v in feeds.items() if k in inputs})):
-                x = np.asarray(x, np.float64)
                 axes = tuple(range(x.ndim - 1)) if last[name] else (0,) + tuple(range(2, x.ndim))
-                sums[name] = sums[name] + x.sum(axis=axes)
+                sums[name] = sums[name] + x.sum(axis=axes, dtype=np.float64)
                 counts[name] += int(np.prod([x.shape[a] for a in axes]))
         del session
     means: dict[str, np.ndarray | str] = {}
