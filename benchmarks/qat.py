@@ -140,7 +140,14 @@ def run_one_effnet(row: str, out: Path, epochs: int, threads: int, steps: int | 
         extra["history"] = fit(qat, {"input": images}, None, cfg)
         extra["train_config"] = dict(cfg.__dict__)
         model = qat.to_sim().model
-    wall = time.perf_counter() - t0
+    _write_row(out, row, model, time.perf_counter() - t0, rss_before, extra)
+
+
+def _write_row(out: Path, row: str, model: Any, wall: float, rss_before: int,
+               extra: dict[str, Any]) -> None:
+    """Save a child's QDQ model beside ``out`` and its timings / extras as ``out`` (JSON)."""
+    import onnxq
+
     target = out.with_suffix(".qdq.onnx")
     onnxq.save(model, target, overwrite=True)
     out.write_text(json.dumps({
@@ -188,13 +195,7 @@ def run_one(row: str, out: Path, epochs: int, threads: int, steps: int | None) -
         extra["history"] = history
         model = qat.to_sim().model
         extra["train_config"] = {k: v for k, v in cfg.__dict__.items()}
-    wall = time.perf_counter() - t0
-    target = out.with_suffix(".qdq.onnx")
-    onnxq.save(model, target, overwrite=True)
-    out.write_text(json.dumps({
-        "row": row, "wall_s": wall, "vmhwm_bytes": _status_bytes("VmHWM"),
-        "rss_before_bytes": rss_before, "qdq": str(target), **extra,
-    }, default=float))
+    _write_row(out, row, model, time.perf_counter() - t0, rss_before, extra)
 
 
 def spawn(row: str, work: Path, args: argparse.Namespace, model: str = "fashion-resnet",

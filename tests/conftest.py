@@ -67,3 +67,14 @@ def assert_equivalent():
         return diff
 
     return check
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a test module (``pytest.mark.usefixtures``): on tiny tensors a second
+    OpenMP thread only spin-waits, much slower on a shared machine."""
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

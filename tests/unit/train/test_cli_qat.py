@@ -11,14 +11,7 @@ torch = pytest.importorskip("torch")
 import onnxq
 from onnxq.cli import main
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: a second OpenMP thread only spin-waits (much slower on a shared machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TINY = """<ir_version: 8, opset_import: ["" : 17]>
 g (float[N,3,8,8] image) => (float[N,10] logits)

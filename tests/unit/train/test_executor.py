@@ -13,14 +13,7 @@ from onnxq.runtime import run
 from onnxq.train.executor import GraphModule
 from onnxq.train.ops import OPS, lookup
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: a second OpenMP thread only spin-waits (much slower on a shared machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 HEADER17 = '<ir_version: 8, opset_import: ["" : 17]>'
 HEADER11 = '<ir_version: 7, opset_import: ["" : 11]>'

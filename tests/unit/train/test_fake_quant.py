@@ -12,14 +12,7 @@ torch = pytest.importorskip("torch")
 from onnxq.train import fake_quant as fq
 from onnxq.train.executor import Quantizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: a second OpenMP thread only spin-waits (much slower on a shared machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 GRIDS = {  # onnx type, (qmin, qmax)
     "int4": (TensorProto.INT4, (-8, 7)),

@@ -18,14 +18,7 @@ from onnxq.quant.config import QuantConfig, QuantSpec
 from onnxq.runtime import run
 from onnxq.train import TrainConfig, fit, prepare
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: a second OpenMP thread only spin-waits (much slower on a shared machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TINY = """<ir_version: 8, opset_import: ["" : 17]>
 g (float[N,3,8,8] image) => (float[N,10] logits)
