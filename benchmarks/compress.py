@@ -15,7 +15,7 @@ Rows (one run, side by side):
 Fine-tuning (``--finetune-epochs N``): distillation from the uncompressed model after each stage
 (:mod:`onnxq.compress.finetune`, on ``onnxq.train``'s graph executor; torch) on every training
 sample given (``--train-samples`` for Fashion-MNIST; the 256 − 51 calibration images that are not
-held out for EfficientNet-Lite0). Rows are keyed by (model, epochs, learning rate) in the JSON: a run adds or
+held out for EfficientNet-Lite0). Rows are keyed by (model, epochs, learning rate, augmentation) in the JSON: a run adds or
 replaces its rows and keeps the others.
 Latency: onnxruntime, graph optimizations on, batch 1, median of 50 runs, measured for the FP32
 and compressed models alternately over 3 rounds (best round each), so that load from other
@@ -134,7 +134,7 @@ def _latency_pair(a: Any, b: Any, rounds: int = 3) -> tuple[dict, dict]:
 
 
 def run_row(model_id: str, workers: int, finetune_epochs: int, cache_dir: str | None,
-            train_samples: int = 640, finetune_lr: float = 1e-4) -> dict | None:
+            train_samples: int = 640, finetune_lr: float = 1e-4, finetune_augment: str = "auto") -> dict | None:
     import onnxq
     from onnxq.compress import CompressConfig, compress
 
@@ -144,7 +144,7 @@ def run_row(model_id: str, workers: int, finetune_epochs: int, cache_dir: str | 
     original = onnxq.load(setup["path"])
     config = CompressConfig(target_macs=setup["target"], scheme=setup["scheme"], workers=workers,
                             calib_samples=setup["calib_samples"], finetune_epochs=finetune_epochs,
-                            finetune_lr=finetune_lr,
+                            finetune_lr=finetune_lr, finetune_augment=finetune_augment,
                             cache_dir=cache_dir, latency_repeats=10)
     start = time.perf_counter()
     result = compress(original, setup["data"], config=config, eval_data=setup.get("eval_data"))
@@ -159,6 +159,7 @@ def run_row(model_id: str, workers: int, finetune_epochs: int, cache_dir: str | 
         "target_macs": setup["target"],
         "finetune_epochs": finetune_epochs,
         "finetune_lr": finetune_lr if finetune_epochs else None,
+        "finetune_augment": finetune_augment if finetune_epochs else None,
         # samples given to compress(); without eval_data its last fifth is held out for the proxy
         "train_samples": sum(len(next(iter(b.values()))) for b in setup["data"]),
         "test_images": len(setup["labels"]),
@@ -187,7 +188,9 @@ def _ft(row: dict) -> str:
     """'-' without fine-tuning, else epochs x samples @ lr (e.g. '2x10000@1e-04')."""
     if not row["finetune_epochs"]:
         return "-"
-    return f"{row['finetune_epochs']}x{row.get('train_samples', '?')}@{row.get('finetune_lr') or 1e-4:.0e}"
+    aug = row.get("finetune_augment") or "auto"
+    return (f"{row['finetune_epochs']}x{row.get('train_samples', '?')}@{row.get('finetune_lr') or 1e-4:.0e}"
+            + ("" if aug == "auto" else f"/{aug}"))
 
 
 def _table(rows: list[dict]) -> str:
@@ -209,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune-epochs", type=int, default=0)
     parser.add_argument("--cache-dir", help="sweep cache (default ~/.cache/onnxq/compress)")
     parser.add_argument("--finetune-lr", type=float, default=1e-4)
+    parser.add_argument("--finetune-augment", default="auto", choices=("auto", "match", "none"),
+                        help="fine-tuning augmentation (auto: flip + shift; match: + resized crop, mixup)")
     parser.add_argument("--train-samples", type=int, default=640,
                         help="Fashion-MNIST training images given to compress (calibration, fine-tuning)")
     parser.add_argument("--json", default=str(RESULTS / "compress.json"))
@@ -219,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for model_id in [m.strip() for m in args.models.split(",") if m.strip()]:
         row = run_row(model_id, args.workers, args.finetune_epochs, args.cache_dir, args.train_samples,
-                      args.finetune_lr)
+                      args.finetune_lr, args.finetune_augment)
         if row is not None:
             rows.append(row)
             log.info("%s done in %.0f s", model_id, row["compress_seconds"])
@@ -228,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(args.json)
         old = json.loads(path.read_text()) if path.is_file() else {}
         def key(r: dict) -> tuple:
-            return r["model"], r["finetune_epochs"], r.get("finetune_lr") if r["finetune_epochs"] else None
+            ft = r["finetune_epochs"]
+            return r["model"], ft, r.get("finetune_lr") if ft else None, (r.get("finetune_augment") or "auto") if ft else None
 
         by_key = {key(r): r for r in old.get("rows", [])}
         by_key.update({key(r): r for r in rows})

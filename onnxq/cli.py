@@ -142,6 +142,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="calibration samples used to fit channel pruning (default 64)")
     com.add_argument("--finetune-epochs", type=int, default=0,
                      help="fine-tune each stage by distillation (needs onnxq.train: pip install onnxq[train])")
+    com.add_argument("--finetune-lr", type=float, default=1e-4, help="fine-tuning learning rate (AdamW)")
+    com.add_argument("--finetune-augment", choices=("auto", "match", "none"), default="auto",
+                     help="fine-tuning augmentation of image inputs (as qat --augment)")
     com.add_argument("--workers", type=int, default=0, help="sweep worker processes (default: up to 2)")
     com.add_argument("--ray", metavar="auto|ADDRESS", help="run the sweep as Ray tasks on a cluster (pip install onnxq[ray])")
     com.add_argument("--no-cache", action="store_true", help="do not reuse earlier sweep results")
@@ -175,7 +178,10 @@ def _parser() -> argparse.ArgumentParser:
     qat.add_argument("--lr", type=float, default=1e-4, help="weights' learning rate (AdamW)")
     qat.add_argument("--range-lr", type=float, default=1e-2,
                      help="ranges' learning rate (on log-scales: 1e-2 ≈ 1 %% per step)")
-    qat.add_argument("--no-augment", action="store_true", help="no flip/shift of image inputs")
+    qat.add_argument("--augment", choices=("auto", "match", "none"), default="auto",
+                     help="image inputs: auto = flip + shift; match = flip + resized crop + mixup "
+                     "(for few images); none")
+    qat.add_argument("--no-augment", action="store_true", help="same as --augment none")
     qat.add_argument("--seed", type=int, default=0)
     qat.add_argument("--checkpoint-dir", help="checkpoint after each epoch (default OUT/checkpoints)")
     qat.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
@@ -427,6 +433,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {
         "target_macs": args.target_macs, "scheme": args.scheme, "method": args.method,
         "calib_samples": args.calib_samples, "finetune_epochs": args.finetune_epochs,
+        "finetune_lr": args.finetune_lr, "finetune_augment": args.finetune_augment,
         "channel_multiple": args.channel_multiple,
         "workers": args.workers, "cache": not args.no_cache, "cache_dir": args.cache_dir,
         "metric": args.metric, "higher_is_better": not args.lower_is_better, "ray": args.ray,
@@ -456,7 +463,7 @@ def _cmd_qat(args: argparse.Namespace) -> int:
     labels = np.load(args.labels) if args.labels else None
     train = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, range_lr=args.range_lr,
-        augment="none" if args.no_augment else "auto", seed=args.seed, resume=args.resume,
+        augment="none" if args.no_augment else args.augment, seed=args.seed, resume=args.resume,
         checkpoint_dir=args.checkpoint_dir or str(Path(args.output) / "checkpoints"),
     )
     result = run_qat(args.model, _calibration_data(args), args.output, labels=labels,

@@ -94,6 +94,8 @@ class CompressConfig:
     stage_min_sqnr: float = 30.0
     finetune_epochs: int = 0
     finetune_lr: float = 1e-4
+    #: image augmentation while fine-tuning (:class:`onnxq.train.TrainConfig`'s ``augment``)
+    finetune_augment: str = "auto"
     #: run the sweep as Ray tasks: "auto", "local" or a cluster address
     ray: str | None = None
     latency_repeats: int = 20
@@ -110,6 +112,9 @@ class CompressConfig:
         object.__setattr__(self, "exclude", tuple(self.exclude))
         if self.method not in ("greedy", "lasso"):
             raise ConfigError(f"channel selection method must be greedy or lasso, got '{self.method}'")
+        if self.finetune_augment not in ("auto", "match", "none", "shift", "flip"):
+            raise ConfigError(f"fine-tuning augmentation '{self.finetune_augment}' is not one of "
+                              "auto, match, none, shift, flip")
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -209,26 +214,23 @@ def _limit(batches: list[dict[str, np.ndarray]], count: int | None) -> list[dict
 
 
 def _finetune(student: ir.Model, teacher: ir.Model, batches: list[dict[str, np.ndarray]],
-              epochs: int, seed: int, lr: float) -> tuple[ir.Model, dict]:
-    """Distillation from ``teacher`` (:mod:`onnxq.compress.finetune`, on ``onnxq.train``'s
-    executor; torch); skipped with a reason when it is not available. ``onnxq.train.distill(
-    student, teacher, data, epochs=, seed=) -> ir.Model``, when that exists, is used instead."""
-    if epochs <= 0:
+              config: CompressConfig, progress: bool = False) -> tuple[ir.Model, dict]:
+    """Distillation from ``teacher`` with ``onnxq.train``'s loop (:func:`onnxq.train.distill`;
+    torch); skipped with a reason when it is not available."""
+    if config.finetune_epochs <= 0:
         return student, {"status": "off"}
-    from onnxq.compress.finetune import distill, finetune_available
+    from onnxq.compress.finetune import finetune_available
 
     problem = finetune_available()
     if problem:
         log.warning("fine-tuning skipped: %s", problem)
         return student, {"status": "skipped", "reason": problem}
-    from onnxq import train
+    from onnxq.train import TrainConfig, distill
 
     start = time.perf_counter()
-    own = getattr(train, "distill", None)
-    if callable(own):
-        tuned, info = own(student, teacher, batches, epochs=epochs, seed=seed), {"status": "done", "epochs": epochs}
-    else:
-        tuned, info = distill(student, teacher, batches, epochs=epochs, seed=seed, lr=lr)
+    train = TrainConfig(epochs=config.finetune_epochs, lr=config.finetune_lr, seed=config.seed,
+                        augment=config.finetune_augment, progress=progress)
+    tuned, info = distill(student, teacher, batches, train)
     info["seconds"] = time.perf_counter() - start
     return tuned, info
 
@@ -413,8 +415,7 @@ def compress(
                 log.info("stage %s: %.2f M MACs above the prediction, choosing again", technique,
                          (actual - selection.predicted_macs) / 1e6)
             if selection.ratios:
-                current, tuned = _finetune(current, original, train, config.finetune_epochs, config.seed,
-                                           config.finetune_lr)
+                current, tuned = _finetune(current, original, train, config, progress is not None)
             else:
                 tuned = {"status": "off" if config.finetune_epochs <= 0 else "skipped",
                          "reason": "the stage compressed nothing"}

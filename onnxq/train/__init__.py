@@ -22,7 +22,8 @@ Torch threads: on a machine whose cores are shared with other processes, use
 
 from __future__ import annotations
 
-__all__ = ["GraphModule", "QatModel", "TrainConfig", "fit", "load_training_data", "prepare", "run_qat"]
+__all__ = ["FloatStudent", "GraphModule", "QatModel", "TrainConfig", "distill", "fit", "load_training_data", "prepare",
+           "run_qat"]
 
 try:
     import torch  # noqa: F401
@@ -34,5 +35,5 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from onnxq.train.executor import GraphModule
-from onnxq.train.loop import TrainConfig, fit, load_training_data, run_qat
+from onnxq.train.loop import FloatStudent, TrainConfig, distill, fit, load_training_data, run_qat
 from onnxq.train.qat import QatModel, prepare

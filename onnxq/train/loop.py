@@ -17,7 +17,7 @@ continues from ``last.pt``. Shuffling and augmentation draw from one generator s
 
 from __future__ import annotations
 
-__all__ = ["TrainConfig", "fit", "load_training_data", "run_qat"]
+__all__ = ["FloatStudent", "TrainConfig", "distill", "fit", "load_training_data", "run_qat"]
 
 import dataclasses
 import logging
@@ -37,6 +37,9 @@ from onnxq.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
+AUGMENT = ("auto", "match", "none", "shift", "flip")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 1
@@ -50,7 +53,8 @@ class TrainConfig:
     label_weight: float = 0.5
     #: "kl" (logits), "mse" (normalized) or "auto" (kl for 2-D outputs, else mse)
     distill: str = "auto"
-    #: "auto": flip + shift for NCHW image inputs (1 or 3 channels, ≥ 16 px); "none"; "shift"
+    #: NCHW image inputs (1 or 3 channels, ≥ 16 px): "auto" = flip + shift; "match" = flip +
+    #: random resized crop + mixup ("function matching", for few images); "none"; "shift"; "flip"
     augment: str = "auto"
     shift: float = 0.125
     seed: int = 0
@@ -64,8 +68,8 @@ class TrainConfig:
             raise ConfigError("epochs and batch_size must be at least 1")
         if self.distill not in ("auto", "kl", "mse"):
             raise ConfigError(f"distill '{self.distill}' is not one of auto, kl, mse")
-        if self.augment not in ("auto", "none", "shift", "flip"):
-            raise ConfigError(f"augment '{self.augment}' is not one of auto, none, shift, flip")
+        if self.augment not in AUGMENT:
+            raise ConfigError(f"augment '{self.augment}' is not one of {', '.join(AUGMENT)}")
 
 
 def load_training_data(data: Any, model: Any) -> dict[str, np.ndarray]:
@@ -91,11 +95,46 @@ def _is_image(x: np.ndarray) -> bool:
     return x.ndim == 4 and x.dtype == np.float32 and x.shape[1] in (1, 3) and min(x.shape[2:]) >= 16
 
 
-def _augment(x: torch.Tensor, mode: str, shift: float, gen: torch.Generator) -> torch.Tensor:
-    """Random horizontal flip (per sample) and one random shift per batch, edge-padded."""
-    if mode in ("auto", "flip"):
+def _resized_crop(x: torch.Tensor, gen: torch.Generator, area: tuple[float, float] = (0.25, 1.0),
+                  ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+    """One random crop per sample (area fraction and aspect ratio drawn log-uniformly, as
+    Inception's crop), resized back to the input size (bilinear)."""
+    n, _, h, w = x.shape
+    u = torch.rand(n, 4, generator=gen, dtype=torch.float64)
+    frac = area[0] + (area[1] - area[0]) * u[:, 0]
+    aspect = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1])
+    ch = torch.clamp(torch.sqrt(frac / aspect), max=1.0)       # crop height / h
+    cw = torch.clamp(torch.sqrt(frac * aspect), max=1.0)       # crop width / w
+    cy = (1 - ch) * u[:, 2] + ch / 2                            # centre, in [0, 1]
+    cx = (1 - cw) * u[:, 3] + cw / 2
+    theta = torch.zeros(n, 2, 3, dtype=torch.float64)
+    theta[:, 0, 0], theta[:, 0, 2] = cw, 2 * cx - 1
+    theta[:, 1, 1], theta[:, 1, 2] = ch, 2 * cy - 1
+    grid = F.affine_grid(theta.to(x.dtype), [n, x.shape[1], h, w], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _mixing(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup weights λ ~ U(0, 1) and a partner per sample (one draw per batch, shared by all
+    image inputs and by the labels)."""
+    return torch.rand(n, generator=gen), torch.randperm(n, generator=gen)
+
+
+def _augment(x: torch.Tensor, mode: str, shift: float, gen: torch.Generator,
+             mix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Random horizontal flip (per sample); ``auto``/``shift``: one random shift per batch,
+    edge-padded; ``match``: a random resized crop per sample, then mixup with a partner of the
+    batch (``mix``). The teacher sees the same augmented batch, so every augmented image is a
+    valid training example ("function matching", Beyer et al. 2022): few images go further."""
+    if mode in ("auto", "flip", "match"):
         flip = torch.rand(len(x), generator=gen) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    if mode == "match":
+        x = _resized_crop(x, gen)
+        if mix is not None:
+            lam = mix[0].to(x.dtype)[:, None, None, None]
+            x = lam * x + (1 - lam) * x[mix[1]]
+        return x.contiguous()
     if mode in ("auto", "shift") and shift > 0:
         h, w = x.shape[2], x.shape[3]
         ph, pw = max(1, int(h * shift)), max(1, int(w * shift))
@@ -130,19 +169,22 @@ def fit(
     teacher: Any = None,
     callback: Callable[[int, dict[str, float]], dict[str, float] | None] | None = None,
 ) -> list[dict[str, float]]:
-    """Train ``qat`` (from :func:`onnxq.train.prepare`) by distillation; returns per-epoch logs.
+    """Train ``qat`` (from :func:`onnxq.train.prepare`, or a :class:`FloatStudent`) by
+    distillation; returns per-epoch logs.
 
     ``teacher``: an ``onnx_ir.Model`` (default: the simulation's FP32 model) or a function
     ``feeds → outputs``. ``callback(epoch, log)`` may return extra numbers to log (e.g. accuracy).
     """
-    arrays = load_training_data(data, qat.sim.fp32_model)
+    reference = qat.sim.fp32_model if hasattr(qat, "sim") else qat.model
+    what = "QAT" if hasattr(qat, "sim") else "fine-tune"
+    arrays = load_training_data(data, reference)
     names = qat.input_names
     n = len(next(iter(arrays.values())))
     if labels is not None:
         labels = np.asarray(labels).astype(np.int64).reshape(-1)
         if len(labels) != n:
             raise ConfigError(f"{len(labels)} labels for {n} samples")
-    run_teacher = teacher if callable(teacher) else _teacher(teacher or qat.sim.fp32_model)
+    run_teacher = teacher if callable(teacher) else _teacher(teacher or reference)
     images = {k for k, v in arrays.items() if _is_image(v)} if config.augment != "none" else set()
 
     weights = qat.weight_parameters()
@@ -189,7 +231,7 @@ def fit(
             try:
                 from tqdm import tqdm
 
-                bar = tqdm(total=min(steps_per_epoch, total - step), desc=f"QAT epoch {epoch + 1}",
+                bar = tqdm(total=min(steps_per_epoch, total - step), desc=f"{what} epoch {epoch + 1}",
                            unit="step", leave=False)
             except ImportError:
                 bar = None
@@ -199,9 +241,10 @@ def fit(
                 break
             idx = perm[i * config.batch_size:(i + 1) * config.batch_size]
             feeds = {}
+            mix = _mixing(len(idx), gen) if images and config.augment == "match" else None
             for k in names:
                 x = tensors[k][idx]
-                feeds[k] = _augment(x, config.augment, config.shift, gen) if k in images else x
+                feeds[k] = _augment(x, config.augment, config.shift, gen, mix) if k in images else x
             target = run_teacher({k: v.numpy() for k, v in feeds.items()})
             out = qat(feeds)
             outs = out if isinstance(out, tuple) else (out,)
@@ -209,7 +252,14 @@ def fit(
                                      config.temperature) for s, t in zip(outs, target))
             loss = loss * (1 - alpha)
             if alpha:
-                loss = loss + alpha * F.cross_entropy(outs[0], y_all[idx])  # type: ignore[index]
+                y = y_all[idx]  # type: ignore[index]
+                if mix is None:
+                    loss = loss + alpha * F.cross_entropy(outs[0], y)
+                else:  # mixed images, mixed labels
+                    lam = mix[0].to(outs[0].dtype)
+                    ce = lam * F.cross_entropy(outs[0], y, reduction="none") + (1 - lam) * \
+                        F.cross_entropy(outs[0], y[mix[1]], reduction="none")
+                    loss = loss + alpha * ce.mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -229,7 +279,7 @@ def fit(
             entry.update(callback(epoch + 1, entry) or {})
             qat.train()
         history.append(entry)
-        log.info("QAT epoch %d/%d: %s", epoch + 1, config.epochs,
+        log.info("%s epoch %d/%d: %s", what, epoch + 1, config.epochs,
                  ", ".join(f"{k} {v:.4g}" for k, v in entry.items() if k != "epoch"))
         if ckpt is not None:
             ckpt.mkdir(parents=True, exist_ok=True)
@@ -242,6 +292,57 @@ def fit(
             torch.save(state, ckpt / f"epoch{epoch + 1}.pt")
     qat.eval()
     return history
+
+
+class FloatStudent(torch.nn.Module):
+    """A float ONNX model as a trainable module for :func:`fit` (no quantizers): every float
+    weight an ``nn.Parameter`` named by its ONNX tensor; :meth:`write_back` puts them into the
+    model."""
+
+    def __init__(self, model: Any) -> None:
+        from onnxq.train.executor import GraphModule
+
+        super().__init__()
+        self.model = model
+        self.graph = GraphModule(model)
+
+    @property
+    def input_names(self) -> list[str]:
+        return self.graph.input_names
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.graph(*args, **kwargs)
+
+    def weight_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.graph.params.values() if p.requires_grad]
+
+    def range_parameters(self) -> list[torch.nn.Parameter]:
+        return []
+
+    def write_back(self) -> int:
+        """Write the trained weights into ``self.model``; returns how many were written."""
+        from onnxq.passes._graph import set_constant
+
+        values = self.model.graph.initializers
+        written = 0
+        for name, param in self.graph.named_onnx_parameters().items():
+            if name in values:
+                set_constant(values[name], param.detach().cpu().numpy())
+                written += 1
+        return written
+
+
+def distill(student: Any, teacher: Any, data: Any, config: TrainConfig = TrainConfig(),
+            labels: np.ndarray | None = None) -> tuple[Any, dict[str, Any]]:
+    """Fine-tune a **float** ONNX model (``onnx_ir.Model``, changed in place) by distillation from
+    ``teacher`` (a model with the same inputs and outputs, e.g. before compression) with
+    :func:`fit`'s loop; returns ``(student, info)``."""
+    module = FloatStudent(student)
+    if not module.weight_parameters():
+        return student, {"status": "skipped", "reason": "no trainable float weights"}
+    history = fit(module, data, labels, config, teacher=teacher)
+    return student, {"status": "done", "epochs": config.epochs, "weights": module.write_back(),
+                     "history": history}
 
 
 def run_qat(

@@ -210,13 +210,14 @@ def test_cli_compress_bad_scheme_is_a_clean_error(tmp_path, capsys):
 # ---- fine-tuning ----------------------------------------------------------------------------
 def test_distillation_brings_the_pruned_model_closer_to_the_original():
     pytest.importorskip("torch")
-    from onnxq.compress.finetune import distill, finetune_available
+    from onnxq.compress.finetune import finetune_available
 
     if finetune_available():
         pytest.skip(finetune_available())
     from onnxq.compress.channel_pruning import ChannelPruning
     from onnxq.passes.cleanup import Cleanup
     from onnxq.runtime import run
+    from onnxq.train import TrainConfig, distill
 
     model = tiny()
     data = data_for(model, batches=4, n=16)
@@ -236,7 +237,7 @@ def test_distillation_brings_the_pruned_model_closer_to_the_original():
         return float(np.mean(kl))
 
     before = gap(student)
-    tuned, info = distill(student, model, data, epochs=5, lr=3e-3, batch_size=16)
+    tuned, info = distill(student, model, data, TrainConfig(epochs=5, lr=3e-3, batch_size=16, progress=False))
     assert info["status"] == "done" and info["weights"] > 0
     assert tuned is student
     assert gap(tuned) < 0.8 * before
