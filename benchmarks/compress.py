@@ -134,7 +134,8 @@ def _latency_pair(a: Any, b: Any, rounds: int = 3) -> tuple[dict, dict]:
 
 
 def run_row(model_id: str, workers: int, finetune_epochs: int, cache_dir: str | None,
-            train_samples: int = 640, finetune_lr: float = 1e-4, finetune_augment: str = "auto") -> dict | None:
+            train_samples: int = 640, finetune_lr: float = 1e-4, finetune_augment: str = "auto",
+            finetune_features: bool = False) -> dict | None:
     import onnxq
     from onnxq.compress import CompressConfig, compress
 
@@ -145,7 +146,7 @@ def run_row(model_id: str, workers: int, finetune_epochs: int, cache_dir: str | 
     config = CompressConfig(target_macs=setup["target"], scheme=setup["scheme"], workers=workers,
                             calib_samples=setup["calib_samples"], finetune_epochs=finetune_epochs,
                             finetune_lr=finetune_lr, finetune_augment=finetune_augment,
-                            cache_dir=cache_dir, latency_repeats=10)
+                            finetune_features=finetune_features, cache_dir=cache_dir, latency_repeats=10)
     start = time.perf_counter()
     result = compress(original, setup["data"], config=config, eval_data=setup.get("eval_data"))
     seconds = time.perf_counter() - start
@@ -160,6 +161,7 @@ def run_row(model_id: str, workers: int, finetune_epochs: int, cache_dir: str | 
         "finetune_epochs": finetune_epochs,
         "finetune_lr": finetune_lr if finetune_epochs else None,
         "finetune_augment": finetune_augment if finetune_epochs else None,
+        "finetune_features": finetune_features if finetune_epochs else None,
         # samples given to compress(); without eval_data its last fifth is held out for the proxy
         "train_samples": sum(len(next(iter(b.values()))) for b in setup["data"]),
         "test_images": len(setup["labels"]),
@@ -190,7 +192,7 @@ def _ft(row: dict) -> str:
         return "-"
     aug = row.get("finetune_augment") or "auto"
     return (f"{row['finetune_epochs']}x{row.get('train_samples', '?')}@{row.get('finetune_lr') or 1e-4:.0e}"
-            + ("" if aug == "auto" else f"/{aug}"))
+            + ("" if aug == "auto" else f"/{aug}") + ("+feat" if row.get("finetune_features") else ""))
 
 
 def _table(rows: list[dict]) -> str:
@@ -214,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune-lr", type=float, default=1e-4)
     parser.add_argument("--finetune-augment", default="auto", choices=("auto", "match", "none"),
                         help="fine-tuning augmentation (auto: flip + shift; match: + resized crop, mixup)")
+    parser.add_argument("--finetune-features", action="store_true",
+                        help="also distill the intermediate tensors both models share")
     parser.add_argument("--train-samples", type=int, default=640,
                         help="Fashion-MNIST training images given to compress (calibration, fine-tuning)")
     parser.add_argument("--json", default=str(RESULTS / "compress.json"))
@@ -224,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for model_id in [m.strip() for m in args.models.split(",") if m.strip()]:
         row = run_row(model_id, args.workers, args.finetune_epochs, args.cache_dir, args.train_samples,
-                      args.finetune_lr, args.finetune_augment)
+                      args.finetune_lr, args.finetune_augment, args.finetune_features)
         if row is not None:
             rows.append(row)
             log.info("%s done in %.0f s", model_id, row["compress_seconds"])
@@ -234,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         old = json.loads(path.read_text()) if path.is_file() else {}
         def key(r: dict) -> tuple:
             ft = r["finetune_epochs"]
-            return r["model"], ft, r.get("finetune_lr") if ft else None, (r.get("finetune_augment") or "auto") if ft else None
+            return (r["model"], ft, r.get("finetune_lr") if ft else None,
+                    (r.get("finetune_augment") or "auto") if ft else None, bool(r.get("finetune_features")))
 
         by_key = {key(r): r for r in old.get("rows", [])}
         by_key.update({key(r): r for r in rows})

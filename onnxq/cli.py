@@ -145,6 +145,8 @@ def _parser() -> argparse.ArgumentParser:
     com.add_argument("--finetune-lr", type=float, default=1e-4, help="fine-tuning learning rate (AdamW)")
     com.add_argument("--finetune-augment", choices=("auto", "match", "none"), default="auto",
                      help="fine-tuning augmentation of image inputs (as qat --augment)")
+    com.add_argument("--finetune-features", action="store_true",
+                     help="also distill the intermediate tensors the compressed model shares with the original")
     com.add_argument("--workers", type=int, default=0, help="sweep worker processes (default: up to 2)")
     com.add_argument("--ray", metavar="auto|ADDRESS", help="run the sweep as Ray tasks on a cluster (pip install onnxq[ray])")
     com.add_argument("--no-cache", action="store_true", help="do not reuse earlier sweep results")
@@ -434,6 +436,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         "target_macs": args.target_macs, "scheme": args.scheme, "method": args.method,
         "calib_samples": args.calib_samples, "finetune_epochs": args.finetune_epochs,
         "finetune_lr": args.finetune_lr, "finetune_augment": args.finetune_augment,
+        "finetune_features": args.finetune_features,
         "channel_multiple": args.channel_multiple,
         "workers": args.workers, "cache": not args.no_cache, "cache_dir": args.cache_dir,
         "metric": args.metric, "higher_is_better": not args.lower_is_better, "ray": args.ray,

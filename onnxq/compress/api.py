@@ -96,6 +96,9 @@ class CompressConfig:
     finetune_lr: float = 1e-4
     #: image augmentation while fine-tuning (:class:`onnxq.train.TrainConfig`'s ``augment``)
     finetune_augment: str = "auto"
+    #: also distill the intermediate tensors both models share (Conv/Gemm/MatMul/Add outputs of
+    #: the same name and shape), not only the outputs
+    finetune_features: bool = False
     #: run the sweep as Ray tasks: "auto", "local" or a cluster address
     ray: str | None = None
     latency_repeats: int = 20
@@ -230,7 +233,7 @@ def _finetune(student: ir.Model, teacher: ir.Model, batches: list[dict[str, np.n
     start = time.perf_counter()
     train = TrainConfig(epochs=config.finetune_epochs, lr=config.finetune_lr, seed=config.seed,
                         augment=config.finetune_augment, progress=progress)
-    tuned, info = distill(student, teacher, batches, train)
+    tuned, info = distill(student, teacher, batches, train, features=config.finetune_features)
     info["seconds"] = time.perf_counter() - start
     return tuned, info
 

@@ -1,30 +1,40 @@
-"""The built-in QAT loop: knowledge distillation from the FP32 model, labels optional.
+"""The built-in training loop: knowledge distillation from the FP32 model, labels optional.
 
-For users with no training pipeline. Each step draws a batch, augments it (image inputs: random
-horizontal flip and a random shift of up to ``shift`` of the side, edge-padded), runs the FP32
-teacher (onnxruntime, on the same augmented batch) and the QDQ student (torch), and minimizes
+For users with no training pipeline (QAT), and for fine-tuning a compressed float model. Each
+step draws a batch, augments it (image inputs, ``augment``: ``auto`` = random horizontal flip and
+a random shift of up to ``shift`` of the side, edge-padded; ``match`` = flip, a random resized
+crop per sample and mixup within the batch), runs the FP32 teacher (onnxruntime, on the same
+augmented batch, so every augmented image is a valid example) and the student (torch), and
+minimizes
 
     L = (1 − α) · L_KD(student, teacher) + α · CE(student, labels)       (α = 0 without labels)
 
 with ``L_KD = T² · KL(softmax(t/T) ‖ softmax(s/T))`` for ``[N, C]`` outputs (classifier logits)
-and the mean squared error divided by the teacher's variance otherwise (embeddings, maps).
-AdamW on the weights (``lr``) and, separately, on the quantizers' log-scales and offsets
-(``range_lr``, no weight decay), both on a cosine schedule to 0 after a linear warm-up. A
-checkpoint (``last.pt`` and ``epoch<N>.pt``) is written after each epoch; ``resume=True``
-continues from ``last.pt``. Shuffling and augmentation draw from one generator seeded by
-``seed``, so a run is repeatable on the same machine and thread count.
+and the mean squared error divided by the teacher's variance otherwise (embeddings, maps); with
+mixup the label loss mixes the two labels. :func:`distill` (float students) can add the mean
+normalized MSE of intermediate tensors both models share. AdamW on the weights (``lr``) and,
+separately, on the quantizers' log-scales and offsets (``range_lr``, no weight decay), both on
+a cosine schedule to 0 after a linear warm-up. A checkpoint (``last.pt`` and ``epoch<N>.pt``) is
+written after each epoch; ``resume=True`` continues from ``last.pt``. Shuffling and augmentation
+draw from one generator seeded by ``seed``, so a run is repeatable on the same machine and
+thread count.
+
+Measured (EfficientNet-Lite0, 256 ImageNet-sample images, 244 held out): ``match`` lowers
+nothing that matters there — W4A8 QAT from AdaRound, 10 epochs: held-out KL(FP32‖Q) 0.123 →
+0.118 (``match``) vs 0.125 (``auto``); the 75 %-MACs pruned model fine-tuned 10 epochs: top-1
+0.684 (``match``) vs 0.615 (flip only) vs 0.689 untuned. What limits both is 256 images.
 """
 
 from __future__ import annotations
 
-__all__ = ["FloatStudent", "TrainConfig", "distill", "fit", "load_training_data", "run_qat"]
+__all__ = ["FloatStudent", "TrainConfig", "distill", "fit", "load_training_data", "run_qat", "shared_features"]
 
 import dataclasses
 import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +187,8 @@ def fit(
     """
     reference = qat.sim.fp32_model if hasattr(qat, "sim") else qat.model
     what = "QAT" if hasattr(qat, "sim") else "fine-tune"
+    n_outputs = getattr(qat, "n_outputs", None) or 1_000_000
+    feature_weight = getattr(qat, "feature_weight", 1.0)
     arrays = load_training_data(data, reference)
     names = qat.input_names
     n = len(next(iter(arrays.values())))
@@ -248,8 +260,11 @@ def fit(
             target = run_teacher({k: v.numpy() for k, v in feeds.items()})
             out = qat(feeds)
             outs = out if isinstance(out, tuple) else (out,)
-            loss = sum(_distill_loss(s, torch.from_numpy(np.asarray(t)), config.distill,
-                                     config.temperature) for s, t in zip(outs, target))
+            terms = [_distill_loss(s, torch.from_numpy(np.asarray(t)), config.distill, config.temperature)
+                     for s, t in zip(outs, target)]
+            loss = sum(terms[:n_outputs])
+            if len(terms) > n_outputs:  # intermediate features (FloatStudent(anchors=...)): their mean
+                loss = loss + feature_weight * sum(terms[n_outputs:]) / (len(terms) - n_outputs)
             loss = loss * (1 - alpha)
             if alpha:
                 y = y_all[idx]  # type: ignore[index]
@@ -297,14 +312,22 @@ def fit(
 class FloatStudent(torch.nn.Module):
     """A float ONNX model as a trainable module for :func:`fit` (no quantizers): every float
     weight an ``nn.Parameter`` named by its ONNX tensor; :meth:`write_back` puts them into the
-    model."""
+    model.
 
-    def __init__(self, model: Any) -> None:
+    ``anchors``: names of intermediate tensors returned after the graph outputs (the same names
+    must exist in the teacher, which :func:`distill` exposes too); :func:`fit` adds the mean of
+    their normalized MSEs, times ``feature_weight``, to the loss on the outputs.
+    """
+
+    def __init__(self, model: Any, anchors: Sequence[str] = (), feature_weight: float = 1.0) -> None:
         from onnxq.train.executor import GraphModule
 
         super().__init__()
         self.model = model
-        self.graph = GraphModule(model)
+        self.anchors = list(anchors)
+        self.n_outputs = len(model.graph.outputs)
+        self.feature_weight = feature_weight
+        self.graph = GraphModule(_with_outputs(model, self.anchors) if self.anchors else model)
 
     @property
     def input_names(self) -> list[str]:
@@ -332,17 +355,62 @@ class FloatStudent(torch.nn.Module):
         return written
 
 
+def _with_outputs(model: Any, names: Sequence[str]) -> Any:
+    """A copy of ``model`` that also outputs ``names`` (after its own outputs)."""
+    work = model.clone()
+    produced = {v.name: v for node in work.graph for v in node.outputs if v.name}
+    work.graph.outputs.extend(produced[n] for n in names if produced[n] not in work.graph.outputs)
+    return work
+
+
+def shared_features(student: Any, teacher: Any, sample: Mapping[str, np.ndarray],
+                    ops: tuple[str, ...] = ("Conv", "Gemm", "MatMul", "Add")) -> list[str]:
+    """Outputs of ``ops`` nodes that exist under the same name and with the same shape (on
+    ``sample``) in both models, in the student's order: the intermediate tensors a compressed
+    model can be distilled on."""
+    from onnxq.runtime.session import create_session
+
+    def outputs(model: Any) -> dict[str, Any]:
+        return {v.name: v for node in model.graph if node.op_type in ops for v in node.outputs if v.name}
+
+    mine, theirs = outputs(student), outputs(teacher)
+    graph_outputs = {v.name for v in student.graph.outputs}
+    names = [n for n in mine if n in theirs and n not in graph_outputs]
+    if not names:
+        return []
+    shapes = []
+    for model in (student, teacher):
+        session = create_session(_with_outputs(model, names), optimize=False)
+        shapes.append(dict(zip(names, (a.shape for a in session.run(names, dict(sample))))))
+    return [n for n in names if shapes[0][n] == shapes[1][n]]
+
+
 def distill(student: Any, teacher: Any, data: Any, config: TrainConfig = TrainConfig(),
-            labels: np.ndarray | None = None) -> tuple[Any, dict[str, Any]]:
+            labels: np.ndarray | None = None, *, features: bool | Sequence[str] = False,
+            feature_weight: float = 1.0) -> tuple[Any, dict[str, Any]]:
     """Fine-tune a **float** ONNX model (``onnx_ir.Model``, changed in place) by distillation from
-    ``teacher`` (a model with the same inputs and outputs, e.g. before compression) with
-    :func:`fit`'s loop; returns ``(student, info)``."""
-    module = FloatStudent(student)
+    ``teacher`` (an ``onnx_ir.Model`` with the same inputs and outputs, e.g. before compression)
+    with :func:`fit`'s loop; returns ``(student, info)``.
+
+    ``features=True`` also matches the intermediate tensors both models share
+    (:func:`shared_features`: Conv/Gemm/MatMul/Add outputs with the same name and shape), or the
+    tensors named: every image then constrains every layer, which generalizes from far fewer
+    images than the outputs alone (few-sample distillation of a compressed network)."""
+    anchors: list[str] = []
+    if features:
+        if isinstance(features, bool):
+            arrays = load_training_data(data, student)
+            sample = {k: v[:1] for k, v in arrays.items()}
+            anchors = shared_features(student, teacher, sample)
+        else:
+            anchors = list(features)
+    module = FloatStudent(student, anchors, feature_weight)
     if not module.weight_parameters():
         return student, {"status": "skipped", "reason": "no trainable float weights"}
-    history = fit(module, data, labels, config, teacher=teacher)
+    run_teacher = _teacher(_with_outputs(teacher, anchors) if anchors else teacher)
+    history = fit(module, data, labels, config, teacher=run_teacher)
     return student, {"status": "done", "epochs": config.epochs, "weights": module.write_back(),
-                     "history": history}
+                     "features": len(anchors), "history": history}
 
 
 def run_qat(

@@ -241,3 +241,25 @@ def test_distillation_brings_the_pruned_model_closer_to_the_original():
     assert info["status"] == "done" and info["weights"] > 0
     assert tuned is student
     assert gap(tuned) < 0.8 * before
+
+
+def test_cli_compress_fine_tunes_each_stage_with_the_options_given(tmp_path):
+    pytest.importorskip("torch")
+    model = tiny()
+    src = tmp_path / "tiny.onnx"
+    ir.save(model, src)
+    data_dir = tmp_path / "calib"
+    data_dir.mkdir()
+    for i, feeds in enumerate(data_for(model)):
+        np.save(data_dir / f"{i}.npy", feeds["x"])
+    out = tmp_path / "small.onnx"
+    code = main(["compress", str(src), "--target-macs", "0.6", "--scheme", "cp", "--data", str(data_dir),
+                 "--workers", "1", "--cache-dir", str(tmp_path / "cache"), "--ratios", "0.3,0.6",
+                 "--finetune-epochs", "1", "--finetune-lr", "1e-3", "--finetune-augment", "none",
+                 "--finetune-features", "-o", str(out)])
+    assert code == 0
+    summary = json.loads((tmp_path / "small.json").read_text())
+    assert summary["config"]["finetune_lr"] == 1e-3 and summary["config"]["finetune_features"] is True
+    tuned = summary["stages"][-1]["finetune"]
+    assert tuned["status"] == "done" and tuned["epochs"] == 1 and tuned["features"] >= 1
+    onnx.checker.check_model(onnx.load(out))
