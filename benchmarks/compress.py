@@ -15,7 +15,7 @@ Rows (one run, side by side):
 Fine-tuning (``--finetune-epochs N``): distillation from the uncompressed model after each stage
 (:mod:`onnxq.compress.finetune`, on ``onnxq.train``'s graph executor; torch) on every training
 sample given (``--train-samples`` for Fashion-MNIST; the 256 − 51 calibration images that are not
-held out for EfficientNet-Lite0). Rows are keyed by (model, scheme, epochs, learning rate, augmentation, features) in the JSON: a run adds or
+held out for EfficientNet-Lite0). Rows are keyed by (model, scheme, epochs, learning rate, augmentation, features, first-stage shares) in the JSON: a run adds or
 replaces its rows and keeps the others.
 Latency: onnxruntime, graph optimizations on, batch 1 (median of 50 runs) and batch 32 of test
 images (median of 20), measured for the FP32 and compressed models alternately over 3 rounds
@@ -138,7 +138,8 @@ def _latency_pair(a: Any, b: Any, rounds: int = 3, feeds: dict | None = None) ->
 
 def run_row(model_id: str, workers: int, finetune_epochs: int, cache_dir: str | None,
             train_samples: int = 640, finetune_lr: float = 1e-4, finetune_augment: str = "auto",
-            finetune_features: bool = False, scheme: str | None = None) -> dict | None:
+            finetune_features: bool = False, scheme: str | None = None,
+            first_stage_shares: tuple[float, ...] = ()) -> dict | None:
     import onnxq
     from onnxq.compress import CompressConfig, compress
 
@@ -151,7 +152,8 @@ def run_row(model_id: str, workers: int, finetune_epochs: int, cache_dir: str | 
     config = CompressConfig(target_macs=setup["target"], scheme=setup["scheme"], workers=workers,
                             calib_samples=setup["calib_samples"], finetune_epochs=finetune_epochs,
                             finetune_lr=finetune_lr, finetune_augment=finetune_augment,
-                            finetune_features=finetune_features, cache_dir=cache_dir, latency_repeats=10)
+                            finetune_features=finetune_features, first_stage_shares=first_stage_shares,
+                            cache_dir=cache_dir, latency_repeats=10)
     start = time.perf_counter()
     result = compress(original, setup["data"], config=config, eval_data=setup.get("eval_data"))
     seconds = time.perf_counter() - start
@@ -170,6 +172,9 @@ def run_row(model_id: str, workers: int, finetune_epochs: int, cache_dir: str | 
         "finetune_lr": finetune_lr if finetune_epochs else None,
         "finetune_augment": finetune_augment if finetune_epochs else None,
         "finetune_features": finetune_features if finetune_epochs else None,
+        "first_stage_shares": list(first_stage_shares),
+        "first_stage_share": s.get("first_stage_share"),
+        "candidates": s.get("candidates"),
         # samples given to compress(); without eval_data its last fifth is held out for the proxy
         "train_samples": sum(len(next(iter(b.values()))) for b in setup["data"]),
         "test_images": len(setup["labels"]),
@@ -201,8 +206,9 @@ def _ft(row: dict) -> str:
     if not row["finetune_epochs"]:
         return "-"
     aug = row.get("finetune_augment") or "auto"
+    shares = "/" + ",".join(f"{x:g}" for x in row["first_stage_shares"]) if row.get("first_stage_shares") else ""
     return (f"{row['finetune_epochs']}x{row.get('train_samples', '?')}@{row.get('finetune_lr') or 1e-4:.0e}"
-            + ("" if aug == "auto" else f"/{aug}") + ("+feat" if row.get("finetune_features") else ""))
+            + ("" if aug == "auto" else f"/{aug}") + ("+feat" if row.get("finetune_features") else "") + shares)
 
 
 def _table(rows: list[dict]) -> str:
@@ -229,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune-augment", default="auto", choices=("auto", "match", "none"),
                         help="fine-tuning augmentation (auto: flip + shift; match: + resized crop, mixup)")
     parser.add_argument("--scheme", help="override each model's scheme (e.g. cp, wsvd+cp)")
+    parser.add_argument("--first-stage-shares", default="",
+                        help="first stage at these shares of the reduction, keep the best (e.g. 0.3,0.5,0.7)")
     parser.add_argument("--finetune-features", action="store_true",
                         help="also distill the intermediate tensors both models share")
     parser.add_argument("--train-samples", type=int, default=640,
@@ -241,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for model_id in [m.strip() for m in args.models.split(",") if m.strip()]:
         row = run_row(model_id, args.workers, args.finetune_epochs, args.cache_dir, args.train_samples,
-                      args.finetune_lr, args.finetune_augment, args.finetune_features, args.scheme)
+                      args.finetune_lr, args.finetune_augment, args.finetune_features, args.scheme,
+                      tuple(float(x) for x in args.first_stage_shares.split(",") if x.strip()))
         if row is not None:
             rows.append(row)
             log.info("%s done in %.0f s", model_id, row["compress_seconds"])
@@ -252,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         def key(r: dict) -> tuple:
             ft = r["finetune_epochs"]
             return (r["model"], r["scheme"], ft, r.get("finetune_lr") if ft else None,
-                    (r.get("finetune_augment") or "auto") if ft else None, bool(r.get("finetune_features")))
+                    (r.get("finetune_augment") or "auto") if ft else None, bool(r.get("finetune_features")),
+                    tuple(r.get("first_stage_shares") or ()))
 
         by_key = {key(r): r for r in old.get("rows", [])}
         by_key.update({key(r): r for r in rows})

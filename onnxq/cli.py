@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from onnxq import __version__
-from onnxq.errors import OnnxqError
+from onnxq.errors import ConfigError, OnnxqError
 
 log = logging.getLogger("onnxq")
 
@@ -142,6 +142,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="calibration samples used to fit channel pruning (default 64)")
     com.add_argument("--finetune-epochs", type=int, default=0,
                      help="fine-tune each stage by distillation (needs onnxq.train: pip install onnxq[train])")
+    com.add_argument("--first-stage-shares", metavar="S1,S2,...",
+                     help="try the first stage at these shares of the whole reduction (e.g. 0.3,0.5,0.7), "
+                     "finish each with the other stages, keep the best (the seed's recipe); default: equal shares")
     com.add_argument("--finetune-lr", type=float, default=1e-4, help="fine-tuning learning rate (AdamW)")
     com.add_argument("--finetune-augment", choices=("auto", "match", "none"), default="auto",
                      help="fine-tuning augmentation of image inputs (as qat --augment)")
@@ -441,8 +444,13 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         "workers": args.workers, "cache": not args.no_cache, "cache_dir": args.cache_dir,
         "metric": args.metric, "higher_is_better": not args.lower_is_better, "ray": args.ray,
     }
-    if args.ratios:
-        options["ratios"] = tuple(float(r) for r in args.ratios.split(",") if r.strip())
+    for key, text in (("ratios", args.ratios), ("first_stage_shares", args.first_stage_shares)):
+        if text:
+            try:
+                options[key] = tuple(float(r) for r in text.split(",") if r.strip())
+            except ValueError:
+                raise ConfigError(f"--{key.replace('_', '-')} takes numbers separated by commas, "
+                                  f"got '{text}'") from None
     if args.exclude:
         options["exclude"] = tuple(e.strip() for e in args.exclude.split(",") if e.strip())
     config = CompressConfig(**options)

@@ -9,7 +9,10 @@ the chosen ratios, and fine-tunes by distillation from the uncompressed model wh
 (e.g. spatial SVD on a network of 1×1 and depthwise convolutions) compresses only as far as a
 score drop of ``stage_drop`` (relative to its input's score; with the proxy: down to an output
 SQNR of ``stage_min_sqnr`` dB) and leaves the rest to the next stage; the last stage goes as far
-as the target needs.
+as the target needs. ``first_stage_shares`` runs the seed's "first stage at a few ratios,
+fine-tune, keep the best": one candidate per share of the whole reduction given to the first
+stage (log scale: share ``s`` aims at ``C^s·M₀``), each finished by the other stages; the
+candidate with the best final score is kept and all are listed in the summary.
 
 Data: ``data`` is the calibration set (any form :func:`onnxq.runtime.data.as_batches` takes);
 ``eval_data`` the held-out samples of the proxy score, by default the last fifth of ``data``
@@ -96,6 +99,10 @@ class CompressConfig:
     finetune_lr: float = 1e-4
     #: image augmentation while fine-tuning (:class:`onnxq.train.TrainConfig`'s ``augment``)
     finetune_augment: str = "auto"
+    #: the seed's recipe "first stage at a few ratios, fine-tune, keep the best": try each share
+    #: of the whole reduction (log scale) for the first stage, finish every candidate with the
+    #: other stages, keep the best final score; () = equal shares, one run
+    first_stage_shares: tuple[float, ...] = ()
     #: also distill the intermediate tensors both models share (Conv/Gemm/MatMul/Add outputs of
     #: the same name and shape), not only the outputs
     finetune_features: bool = False
@@ -113,6 +120,10 @@ class CompressConfig:
             raise ConfigError(f"candidate ratios must lie in (0, 1), got {ratios}")
         object.__setattr__(self, "ratios", tuple(sorted(set(ratios))))
         object.__setattr__(self, "exclude", tuple(self.exclude))
+        shares = tuple(float(x) for x in self.first_stage_shares)
+        if any(not 0 < x <= 1 for x in shares):
+            raise ConfigError(f"first-stage shares must lie in (0, 1], got {shares}")
+        object.__setattr__(self, "first_stage_shares", shares)
         if self.method not in ("greedy", "lasso"):
             raise ConfigError(f"channel selection method must be greedy or lasso, got '{self.method}'")
         if self.finetune_augment not in ("auto", "match", "none", "shift", "flip"):
@@ -344,108 +355,146 @@ def compress(
              target_abs / 1e6, config.target_macs, "+".join(config.scheme))
 
     cache_root = Path(config.cache_dir) if config.cache_dir else Path.home() / ".cache" / "onnxq" / "compress"
-    current = original.clone()
-    stages: list[dict] = []
+
+    def run_stage(current: ir.Model, index: int, technique: str, stage_target: float, tmp: str,
+                  calib_path: str, proxy_path: str, tag: str) -> tuple[ir.Model, dict]:
+        cost = count_macs(current)
+        layers, skipped = candidate_layers(current, technique, config.exclude)
+        log.info("stage %s: %d candidate layers (%d skipped), aiming at %.1f M MACs",
+                 technique, len(layers), len(skipped), stage_target / 1e6)
+        stage_path = os.path.join(tmp, f"{tag}stage{index}.onnx")
+        ir.save(current, stage_path)
+        spec = SweepSpec(stage_path, technique, calib_path if technique == "cp" else None, proxy_path,
+                         evaluate,
+                         config.metric, config.method, config.rows, config.seed, threads,
+                         config.channel_multiple)
+        namespace = digest(Path(stage_path), Path(proxy_path), Path(calib_path) if technique == "cp" else "",
+                           evaluator_id(evaluate), config.metric, technique, config.method, config.rows,
+                           config.seed, config.channel_multiple, "compress-sweep-v2")
+        update, close = _bar(progress, f"sweep {technique}", len(layers) + 1)
+        try:
+            baseline, curves = run_ratio_sweep(
+                spec, layers, config.ratios, workers=workers,
+                cache_dir=str(cache_root) if config.cache else None, namespace=namespace,
+                progress=update, ray=config.ray)
+        finally:
+            close()
+        last = index == len(config.scheme) - 1
+        min_score = None
+        if not last and evaluate is not None:
+            base = float(baseline["score"])
+            drop = config.stage_drop * abs(base)
+            min_score = base - drop if config.higher_is_better else base + drop
+        elif not last:
+            min_score = config.stage_min_sqnr
+        stage_input = current.clone()
+        aim = stage_target
+        for attempt in range(3 if last else 1):
+            selection = choose_ratios(curves, cost.macs, aim, higher_is_better=config.higher_is_better,
+                                      min_score=min_score, baseline=float(baseline["score"]))
+            if not selection.reached:
+                log.log(logging.WARNING if last else logging.INFO,
+                        "stage %s: its share of the target is out of reach (predicted %.1f M MACs > %.1f M)%s",
+                        technique, selection.predicted_macs / 1e6, stage_target / 1e6,
+                        "" if last else (f"; stopping at a {config.stage_drop:.0%} score drop" if evaluate is not None
+                                         else f"; stopping at an output SQNR of {config.stage_min_sqnr:g} dB"))
+            current = stage_input.clone()
+            applied: dict[str, Any] = {}
+            if selection.ratios:
+                compress_pass = make_pass(technique, selection.ratios, data=calib, reference=stage_input,
+                                          method=config.method, rows=config.rows, seed=config.seed,
+                                          multiple=config.channel_multiple)
+                compress_pass(current)
+                Cleanup()(current)
+                applied = dict(getattr(compress_pass, "chosen", {}) or
+                               {k: len(v) for k, v in getattr(compress_pass, "kept", {}).items()})
+                for where, why in compress_pass.report.skipped:
+                    log.warning("stage %s: %s not compressed: %s", technique, where, why)
+            actual = count_macs(current).macs
+            # savings measured one layer at a time do not add up exactly (adjacent prunings
+            # overlap): aim lower by the miss and choose again
+            if actual <= stage_target * 1.005 or not selection.reached:
+                break
+            aim -= actual - selection.predicted_macs
+            log.info("stage %s: %.2f M MACs above the prediction, choosing again", technique,
+                     (actual - selection.predicted_macs) / 1e6)
+        if selection.ratios:
+            current, tuned = _finetune(current, original, train, config, progress is not None)
+        else:
+            tuned = {"status": "off" if config.finetune_epochs <= 0 else "skipped",
+                     "reason": "the stage compressed nothing"}
+        after = count_macs(current)
+        score_after, _ = score_model(current)
+        by_name = cost.by_name()
+        return current, {
+            "technique": TECHNIQUES[technique],
+            "macs_before": cost.macs,
+            "target_macs": int(stage_target),
+            "predicted_macs": selection.predicted_macs,
+            "macs_after": after.macs,
+            "params_after": after.params,
+            "threshold": selection.threshold,
+            "reached": selection.reached,
+            "score_before": float(baseline["score"]),
+            "score_after": score_after,
+            "layers": {
+                name: {"ratio": ratio, ("rank" if technique != "cp" else "kept_channels"): applied.get(name),
+                       "macs_before": by_name[name].macs if name in by_name else None}
+                for name, ratio in selection.ratios.items()
+            },
+            "curves": {name: [{k: p[k] for k in ("ratio", "score", "macs", "skipped") if k in p} for p in curve]
+                       for name, curve in curves.items()},
+            "skipped": [{"layer": n, "reason": r} for n, r in skipped],
+            "finetune": tuned,
+        }
+
+    def run_scheme(share: float | None, tmp: str, calib_path: str, proxy_path: str,
+                   tag: str) -> tuple[ir.Model, list[dict]]:
+        """All stages; the first one aims at ``share`` of the whole reduction (log scale) when
+        given, every other stage at an equal share of what is left."""
+        current = original.clone()
+        stages: list[dict] = []
+        for index, technique in enumerate(config.scheme):
+            macs = count_macs(current).macs
+            remaining = len(config.scheme) - index
+            if macs <= target_abs:
+                log.info("stage %s: target already reached", technique)
+                break
+            if index == 0 and share is not None:
+                stage_target = max(target_abs, cost0.macs * config.target_macs ** share)
+            else:
+                stage_target = macs * (target_abs / macs) ** (1.0 / remaining)
+            current, stage = run_stage(current, index, technique, stage_target, tmp, calib_path,
+                                       proxy_path, tag)
+            stages.append(stage)
+        return current, stages
+
+    shares: tuple[float | None, ...] = (None,)
+    if config.first_stage_shares and len(config.scheme) > 1:
+        shares = tuple(config.first_stage_shares)
+    candidates: list[dict] = []
+    best: tuple[float, ir.Model, list[dict], float | None] | None = None
     with tempfile.TemporaryDirectory(prefix="onnxq-compress-") as tmp:
         proxy_path = os.path.join(tmp, "proxy.npz")
         calib_path = os.path.join(tmp, "calib.npz")
         save_proxy_data(proxy_path, held, reference)
         save_batches(calib_path, calib)
-        for index, technique in enumerate(config.scheme):
-            cost = count_macs(current)
-            remaining = len(config.scheme) - index
-            if cost.macs <= target_abs:
-                log.info("stage %s: target already reached", technique)
-                break
-            stage_target = cost.macs * (target_abs / cost.macs) ** (1.0 / remaining)
-            layers, skipped = candidate_layers(current, technique, config.exclude)
-            log.info("stage %s: %d candidate layers (%d skipped), aiming at %.1f M MACs",
-                     technique, len(layers), len(skipped), stage_target / 1e6)
-            stage_path = os.path.join(tmp, f"stage{index}.onnx")
-            ir.save(current, stage_path)
-            spec = SweepSpec(stage_path, technique, calib_path if technique == "cp" else None, proxy_path,
-                             evaluate,
-                             config.metric, config.method, config.rows, config.seed, threads,
-                             config.channel_multiple)
-            namespace = digest(Path(stage_path), Path(proxy_path), Path(calib_path) if technique == "cp" else "",
-                               evaluator_id(evaluate), config.metric, technique, config.method, config.rows,
-                               config.seed, config.channel_multiple, "compress-sweep-v2")
-            update, close = _bar(progress, f"sweep {technique}", len(layers) + 1)
-            try:
-                baseline, curves = run_ratio_sweep(
-                    spec, layers, config.ratios, workers=workers,
-                    cache_dir=str(cache_root) if config.cache else None, namespace=namespace,
-                    progress=update, ray=config.ray)
-            finally:
-                close()
-            last = index == len(config.scheme) - 1
-            min_score = None
-            if not last and evaluate is not None:
-                base = float(baseline["score"])
-                drop = config.stage_drop * abs(base)
-                min_score = base - drop if config.higher_is_better else base + drop
-            elif not last:
-                min_score = config.stage_min_sqnr
-            stage_input = current.clone()
-            aim = stage_target
-            for attempt in range(3 if last else 1):
-                selection = choose_ratios(curves, cost.macs, aim, higher_is_better=config.higher_is_better,
-                                          min_score=min_score, baseline=float(baseline["score"]))
-                if not selection.reached:
-                    log.log(logging.WARNING if last else logging.INFO,
-                            "stage %s: its share of the target is out of reach (predicted %.1f M MACs > %.1f M)%s",
-                            technique, selection.predicted_macs / 1e6, stage_target / 1e6,
-                            "" if last else (f"; stopping at a {config.stage_drop:.0%} score drop" if evaluate is not None
-                                             else f"; stopping at an output SQNR of {config.stage_min_sqnr:g} dB"))
-                current = stage_input.clone()
-                applied: dict[str, Any] = {}
-                if selection.ratios:
-                    compress_pass = make_pass(technique, selection.ratios, data=calib, reference=stage_input,
-                                              method=config.method, rows=config.rows, seed=config.seed,
-                                              multiple=config.channel_multiple)
-                    compress_pass(current)
-                    Cleanup()(current)
-                    applied = dict(getattr(compress_pass, "chosen", {}) or
-                                   {k: len(v) for k, v in getattr(compress_pass, "kept", {}).items()})
-                    for where, why in compress_pass.report.skipped:
-                        log.warning("stage %s: %s not compressed: %s", technique, where, why)
-                actual = count_macs(current).macs
-                # savings measured one layer at a time do not add up exactly (adjacent prunings
-                # overlap): aim lower by the miss and choose again
-                if actual <= stage_target * 1.005 or not selection.reached:
-                    break
-                aim -= actual - selection.predicted_macs
-                log.info("stage %s: %.2f M MACs above the prediction, choosing again", technique,
-                         (actual - selection.predicted_macs) / 1e6)
-            if selection.ratios:
-                current, tuned = _finetune(current, original, train, config, progress is not None)
-            else:
-                tuned = {"status": "off" if config.finetune_epochs <= 0 else "skipped",
-                         "reason": "the stage compressed nothing"}
-            after = count_macs(current)
-            score_after, _ = score_model(current)
-            by_name = cost.by_name()
-            stages.append({
-                "technique": TECHNIQUES[technique],
-                "macs_before": cost.macs,
-                "target_macs": int(stage_target),
-                "predicted_macs": selection.predicted_macs,
-                "macs_after": after.macs,
-                "params_after": after.params,
-                "threshold": selection.threshold,
-                "reached": selection.reached,
-                "score_before": float(baseline["score"]),
-                "score_after": score_after,
-                "layers": {
-                    name: {"ratio": ratio, ("rank" if technique != "cp" else "kept_channels"): applied.get(name),
-                           "macs_before": by_name[name].macs if name in by_name else None}
-                    for name, ratio in selection.ratios.items()
-                },
-                "curves": {name: [{k: p[k] for k in ("ratio", "score", "macs", "skipped") if k in p} for p in curve]
-                           for name, curve in curves.items()},
-                "skipped": [{"layer": n, "reason": r} for n, r in skipped],
-                "finetune": tuned,
-            })
+        for k, share in enumerate(shares):
+            if share is not None:
+                log.info("compress: candidate %d/%d: the first stage takes %.0f %% of the reduction",
+                         k + 1, len(shares), 100 * share)
+            model_k, stages_k = run_scheme(share, tmp, calib_path, proxy_path, f"c{k}")
+            score_k, _ = score_model(model_k)
+            candidates.append({"first_stage_share": share, "score": score_k,
+                               "macs": count_macs(model_k).macs})
+            better = best is None or (score_k > best[0] if config.higher_is_better else score_k < best[0])
+            if better:
+                best = (score_k, model_k, stages_k, share)
+    assert best is not None
+    _, current, stages, chosen_share = best
+    if len(candidates) > 1:
+        log.info("compress: kept the candidate whose first stage took %.0f %% of the reduction "
+                 "(score %.4g)", 100 * float(chosen_share or 0.0), best[0])
     cost1 = count_macs(current)
     latency1 = measure_latency(current, repeats=config.latency_repeats)
     score1, metrics1 = score_model(current)
@@ -458,6 +507,8 @@ def compress(
         "after": {"macs": cost1.macs, "params": cost1.params, "latency": latency1, "score": score1,
                   "metrics": metrics1},
         "stages": stages,
+        "candidates": candidates,
+        "first_stage_share": chosen_share,
     }
     log.info("compress: MACs %.1f M -> %.1f M, score %.4f -> %.4f", cost0.macs / 1e6, cost1.macs / 1e6,
              score0, score1)

@@ -263,3 +263,33 @@ def test_cli_compress_fine_tunes_each_stage_with_the_options_given(tmp_path):
     tuned = summary["stages"][-1]["finetune"]
     assert tuned["status"] == "done" and tuned["epochs"] == 1 and tuned["features"] >= 1
     onnx.checker.check_model(onnx.load(out))
+
+
+def test_first_stage_at_a_few_shares_keeps_the_best_candidate(tmp_path):
+    model = tiny()
+    data = data_for(model, batches=6)
+    base = dict(target_macs=0.6, scheme="ssvd+cp", workers=1, cache=False, ratios=(0.3, 0.6, 0.9),
+                stage_min_sqnr=0.0)
+    result = compress(model, data, config=CompressConfig(**base, first_stage_shares=(0.2, 0.8)))
+    cands = result.summary["candidates"]
+    assert [c["first_stage_share"] for c in cands] == [0.2, 0.8]
+    best = max(cands, key=lambda c: c["score"])
+    assert result.summary["first_stage_share"] == best["first_stage_share"]
+    assert result.summary["after"]["score"] == pytest.approx(best["score"])
+    # each candidate is the run with that share alone; the first stage aims at C^s of the MACs
+    for cand in cands:
+        alone = compress(model, data, config=CompressConfig(**base, first_stage_shares=(cand["first_stage_share"],)))
+        assert alone.summary["after"]["score"] == pytest.approx(cand["score"])
+        first = alone.summary["stages"][0]
+        assert first["target_macs"] == int(max(0.6, 0.6 ** cand["first_stage_share"]) * first["macs_before"])
+    assert len(cands) == 2 and cands[0]["score"] != cands[1]["score"]
+
+
+def test_cli_bad_first_stage_shares_is_a_clean_error(tmp_path, capsys):
+    src = tmp_path / "tiny.onnx"
+    ir.save(tiny(), src)
+    code = main(["compress", str(src), "--first-stage-shares", "half", "--data", str(tmp_path),
+                 "-o", str(tmp_path / "o.onnx")])
+    assert code == 1
+    assert "--first-stage-shares takes numbers" in capsys.readouterr().err
+    assert not (tmp_path / "o.onnx").exists()
