@@ -11,6 +11,25 @@ import pytest
 from onnxq.runtime import run
 
 
+def conv_classifier_text(side: int = 12) -> str:
+    """Conv-ReLU ×3 → GlobalAveragePool → Gemm on ``[N, 3, side, side]`` images (10 classes): the
+    small network the compression and distillation tests prune and train."""
+    return f"""<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,3,{side},{side}] x) => (float[N,10] y)
+  <float[16,3,3,3] w1, float[16] b1, float[24,16,3,3] w2, float[24] b2, float[32,24,1,1] w3,
+   float[32] b3, float[10,32] wg, float[10] bg> {{
+  a = Conv<pads=[1,1,1,1]>(x, w1, b1)
+  r = Relu(a)
+  c = Conv<pads=[1,1,1,1]>(r, w2, b2)
+  r2 = Relu(c)
+  d = Conv(r2, w3, b3)
+  r3 = Relu(d)
+  p = GlobalAveragePool(r3)
+  f = Flatten(p)
+  y = Gemm<transB=1>(f, wg, bg)
+}}"""
+
+
 def model_from_text(text: str, seed: int = 0, **arrays: np.ndarray) -> ir.Model:
     """Parse ONNX text; the names declared in the graph's ``<...>`` header become initializers.
 

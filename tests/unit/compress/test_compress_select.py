@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from conftest import model_from_text, random_feeds
+from conftest import conv_classifier_text, model_from_text, random_feeds
 
 from onnxq.cli import main
 from onnxq.compress.api import CompressConfig, compress, parse_scheme
@@ -17,20 +17,7 @@ from onnxq.compress.macs import count_macs
 from onnxq.compress.select import candidate_layers, choose_ratios
 from onnxq.errors import ConfigError
 
-TEXT = """<ir_version: 8, opset_import: ["" : 17]>
-g (float[N,3,12,12] x) => (float[N,10] y)
-  <float[16,3,3,3] w1, float[16] b1, float[24,16,3,3] w2, float[24] b2, float[32,24,1,1] w3,
-   float[32] b3, float[10,32] wg, float[10] bg> {
-  a = Conv<pads=[1,1,1,1]>(x, w1, b1)
-  r = Relu(a)
-  c = Conv<pads=[1,1,1,1]>(r, w2, b2)
-  r2 = Relu(c)
-  d = Conv(r2, w3, b3)
-  r3 = Relu(d)
-  p = GlobalAveragePool(r3)
-  f = Flatten(p)
-  y = Gemm<transB=1>(f, wg, bg)
-}"""
+TEXT = conv_classifier_text(12)
 
 
 def tiny():
@@ -173,15 +160,21 @@ def test_ray_sweep_on_a_local_instance(tmp_path):
 
 
 # ---- CLI ------------------------------------------------------------------------------------
-def test_cli_compress_writes_model_and_summary(tmp_path, capsys):
+def _cli_inputs(tmp_path):
+    """The tiny model as a file and its calibration samples as a folder of .npy."""
     model = tiny()
     src = tmp_path / "tiny.onnx"
     ir.save(model, src)
-    src_bytes = src.read_bytes()
     data_dir = tmp_path / "calib"
     data_dir.mkdir()
     for i, feeds in enumerate(data_for(model)):
         np.save(data_dir / f"{i}.npy", feeds["x"])
+    return src, data_dir
+
+
+def test_cli_compress_writes_model_and_summary(tmp_path, capsys):
+    src, data_dir = _cli_inputs(tmp_path)
+    src_bytes = src.read_bytes()
     out = tmp_path / "small.onnx"
     code = main(["compress", str(src), "--target-macs", "0.6", "--scheme", "ssvd+cp", "--data", str(data_dir),
                  "--workers", "1", "--cache-dir", str(tmp_path / "cache"), "--ratios", "0.3,0.6",
@@ -245,13 +238,7 @@ def test_distillation_brings_the_pruned_model_closer_to_the_original():
 
 def test_cli_compress_fine_tunes_each_stage_with_the_options_given(tmp_path):
     pytest.importorskip("torch")
-    model = tiny()
-    src = tmp_path / "tiny.onnx"
-    ir.save(model, src)
-    data_dir = tmp_path / "calib"
-    data_dir.mkdir()
-    for i, feeds in enumerate(data_for(model)):
-        np.save(data_dir / f"{i}.npy", feeds["x"])
+    src, data_dir = _cli_inputs(tmp_path)
     out = tmp_path / "small.onnx"
     code = main(["compress", str(src), "--target-macs", "0.6", "--scheme", "cp", "--data", str(data_dir),
                  "--workers", "1", "--cache-dir", str(tmp_path / "cache"), "--ratios", "0.3,0.6",
@@ -268,8 +255,8 @@ def test_cli_compress_fine_tunes_each_stage_with_the_options_given(tmp_path):
 def test_first_stage_at_a_few_shares_keeps_the_best_candidate(tmp_path):
     model = tiny()
     data = data_for(model, batches=6)
-    base = dict(target_macs=0.6, scheme="ssvd+cp", workers=1, cache=False, ratios=(0.3, 0.6, 0.9),
-                stage_min_sqnr=0.0)
+    base = {"target_macs": 0.6, "scheme": "ssvd+cp", "workers": 1, "cache": False,
+            "ratios": (0.3, 0.6, 0.9), "stage_min_sqnr": 0.0}
     result = compress(model, data, config=CompressConfig(**base, first_stage_shares=(0.2, 0.8)))
     cands = result.summary["candidates"]
     assert [c["first_stage_share"] for c in cands] == [0.2, 0.8]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import model_from_text, random_feeds
+from conftest import conv_classifier_text, model_from_text, random_feeds
 
 torch = pytest.importorskip("torch")
 
@@ -16,20 +16,7 @@ from onnxq.train.loop import _with_outputs, shared_features
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TEXT = """<ir_version: 8, opset_import: ["" : 17]>
-g (float[N,3,16,16] x) => (float[N,10] y)
-  <float[16,3,3,3] w1, float[16] b1, float[24,16,3,3] w2, float[24] b2, float[32,24,1,1] w3,
-   float[32] b3, float[10,32] wg, float[10] bg> {
-  a = Conv<pads=[1,1,1,1]>(x, w1, b1)
-  r = Relu(a)
-  c = Conv<pads=[1,1,1,1]>(r, w2, b2)
-  r2 = Relu(c)
-  d = Conv(r2, w3, b3)
-  r3 = Relu(d)
-  p = GlobalAveragePool(r3)
-  f = Flatten(p)
-  y = Gemm<transB=1>(f, wg, bg)
-}"""
+TEXT = conv_classifier_text(16)
 
 
 @pytest.fixture()
