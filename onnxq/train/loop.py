@@ -399,9 +399,8 @@ def distill(student: Any, teacher: Any, data: Any, config: TrainConfig = TrainCo
     anchors: list[str] = []
     if features:
         if isinstance(features, bool):
-            arrays = load_training_data(data, student)
-            sample = {k: v[:1] for k, v in arrays.items()}
-            anchors = shared_features(student, teacher, sample)
+            data = load_training_data(data, student)  # loaded once, for the probe and for fit
+            anchors = shared_features(student, teacher, {k: v[:1] for k, v in data.items()})
         else:
             anchors = list(features)
     module = FloatStudent(student, anchors, feature_weight)
