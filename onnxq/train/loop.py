@@ -107,8 +107,9 @@ def _is_image(x: np.ndarray) -> bool:
 
 def _resized_crop(x: torch.Tensor, gen: torch.Generator, area: tuple[float, float] = (0.25, 1.0),
                   ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
-    """One random crop per sample (area fraction and aspect ratio drawn log-uniformly, as
-    Inception's crop), resized back to the input size (bilinear)."""
+    """One random crop per sample (area fraction uniform in ``area``, aspect ratio log-uniform in
+    ``ratio``, as Inception's crop; clipped to the image), resized back to the input size
+    (bilinear)."""
     n, _, h, w = x.shape
     u = torch.rand(n, 4, generator=gen, dtype=torch.float64)
     frac = area[0] + (area[1] - area[0]) * u[:, 0]
