@@ -187,6 +187,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="image inputs: auto = flip + shift; match = flip + resized crop + mixup "
                      "(for few images); none")
     qat.add_argument("--no-augment", action="store_true", help="same as --augment none")
+    qat.add_argument("--validation", type=float, default=0.0,
+                     help="fraction of the data held out; the weights of the epoch with the lowest "
+                     "held-out distillation loss are kept (default 0: the last epoch's)")
     qat.add_argument("--seed", type=int, default=0)
     qat.add_argument("--checkpoint-dir", help="checkpoint after each epoch (default OUT/checkpoints)")
     qat.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
@@ -475,6 +478,7 @@ def _cmd_qat(args: argparse.Namespace) -> int:
     train = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, range_lr=args.range_lr,
         augment="none" if args.no_augment else args.augment, seed=args.seed, resume=args.resume,
+        validation=args.validation,
         checkpoint_dir=args.checkpoint_dir or str(Path(args.output) / "checkpoints"),
     )
     result = run_qat(args.model, _calibration_data(args), args.output, labels=labels,

@@ -67,6 +67,9 @@ class TrainConfig:
     #: random resized crop + mixup ("function matching", for few images); "none"; "shift"; "flip"
     augment: str = "auto"
     shift: float = 0.125
+    #: fraction of the samples held out (seeded): their distillation loss (outputs, no
+    #: augmentation) is measured after every epoch and the weights of the best epoch are kept
+    validation: float = 0.0
     seed: int = 0
     max_steps: int | None = None
     checkpoint_dir: str | None = None
@@ -78,6 +81,8 @@ class TrainConfig:
             raise ConfigError("epochs and batch_size must be at least 1")
         if self.distill not in ("auto", "kl", "mse"):
             raise ConfigError(f"distill '{self.distill}' is not one of auto, kl, mse")
+        if not 0 <= self.validation < 1:
+            raise ConfigError(f"validation must be a fraction in [0, 1), got {self.validation}")
         if self.augment not in AUGMENT:
             raise ConfigError(f"augment '{self.augment}' is not one of {', '.join(AUGMENT)}")
 
@@ -198,6 +203,17 @@ def fit(
         if len(labels) != n:
             raise ConfigError(f"{len(labels)} labels for {n} samples")
     run_teacher = teacher if callable(teacher) else _teacher(teacher or reference)
+    val: dict[str, np.ndarray] | None = None
+    if config.validation > 0:
+        k = max(1, int(round(n * config.validation)))
+        if k >= n:
+            raise ConfigError(f"validation {config.validation} leaves no training samples of {n}")
+        order = np.random.default_rng(config.seed).permutation(n)
+        held, keep = np.sort(order[:k]), np.sort(order[k:])
+        val = {name: v[held] for name, v in arrays.items()}
+        arrays = {name: v[keep] for name, v in arrays.items()}
+        labels = labels[keep] if labels is not None else None
+        n = len(keep)
     images = {k for k, v in arrays.items() if _is_image(v)} if config.augment != "none" else set()
 
     weights = qat.weight_parameters()
@@ -221,6 +237,8 @@ def fit(
     gen = torch.Generator().manual_seed(config.seed)
     ckpt = Path(config.checkpoint_dir) if config.checkpoint_dir else None
     start_epoch, step, history = 0, 0, []
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None  # (val loss, epoch, state)
+    val_loss = _validation(qat, val, run_teacher, config, n_outputs) if val is not None else None
     if ckpt is not None and config.resume and (ckpt / "last.pt").exists():
         state = torch.load(ckpt / "last.pt", weights_only=False)
         qat.load_state_dict(state["model"])
@@ -228,12 +246,15 @@ def fit(
         sched.load_state_dict(state["scheduler"])
         gen.set_state(state["generator"])
         start_epoch, step, history = state["epoch"], state["step"], state["history"]
+        best = state.get("best")
         log.info("resumed from %s (epoch %d, step %d)", ckpt / "last.pt", start_epoch, step)
 
     tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
     y_all = torch.from_numpy(labels) if labels is not None else None
     alpha = config.label_weight if labels is not None else 0.0
     qat.train()
+    if val_loss is not None and best is None:  # the starting point competes too
+        best = (val_loss(), 0, {k: v.detach().clone() for k, v in qat.state_dict().items()})
     for epoch in range(start_epoch, config.epochs):
         if step >= total:
             break
@@ -290,6 +311,10 @@ def fit(
             bar.close()
         entry = {"epoch": epoch + 1, "loss": running / max(seen, 1), "steps": step,
                  "seconds": time.time() - t0}
+        if val_loss is not None:
+            entry["val_loss"] = val_loss()
+            if best is None or entry["val_loss"] < best[0]:
+                best = (entry["val_loss"], epoch + 1, {k: v.detach().clone() for k, v in qat.state_dict().items()})
         if callback is not None:
             qat.eval()
             entry.update(callback(epoch + 1, entry) or {})
@@ -301,13 +326,41 @@ def fit(
             ckpt.mkdir(parents=True, exist_ok=True)
             state = {"model": qat.state_dict(), "optimizer": opt.state_dict(),
                      "scheduler": sched.state_dict(), "generator": gen.get_state(),
-                     "epoch": epoch + 1, "step": step, "history": history}
+                     "epoch": epoch + 1, "step": step, "history": history, "best": best}
             tmp = ckpt / "last.pt.tmp"
             torch.save(state, tmp)
             os.replace(tmp, ckpt / "last.pt")
             torch.save(state, ckpt / f"epoch{epoch + 1}.pt")
+    if best is not None:
+        qat.load_state_dict(best[2])
+        log.info("%s: kept the weights of epoch %d (validation loss %.4g)", what, best[1], best[0])
     qat.eval()
     return history
+
+
+def _validation(qat: Any, val: Mapping[str, np.ndarray], run_teacher: Callable, config: TrainConfig,
+                n_outputs: int) -> Callable[[], float]:
+    """A function returning the mean distillation loss of ``qat``'s outputs on ``val`` (teacher
+    outputs computed once, no augmentation, evaluation mode)."""
+    size = config.batch_size
+    count = len(next(iter(val.values())))
+    chunks = [{k: v[i:i + size] for k, v in val.items()} for i in range(0, count, size)]
+    targets = [[torch.from_numpy(np.asarray(t)) for t in run_teacher(c)][:n_outputs] for c in chunks]
+
+    def loss() -> float:
+        was_training = qat.training
+        qat.eval()
+        total = 0.0
+        with torch.no_grad():
+            for chunk, target in zip(chunks, targets):
+                out = qat({k: torch.from_numpy(v) for k, v in chunk.items()})
+                outs = (out if isinstance(out, tuple) else (out,))[:n_outputs]
+                total += float(sum(_distill_loss(o, t, config.distill, config.temperature)
+                                   for o, t in zip(outs, target))) * len(next(iter(chunk.values())))
+        qat.train(was_training)
+        return total / count
+
+    return loss
 
 
 class FloatStudent(torch.nn.Module):

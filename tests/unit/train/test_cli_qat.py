@@ -42,10 +42,12 @@ def test_qat_command_writes_the_trained_model(files, capsys) -> None:
     model, data, labels, out = files
     code = main(["qat", str(model), "--data", str(data), "--labels", str(labels), "--epochs", "2",
                  "--batch-size", "8", "--per-channel", "--w-bits", "4", "--a-bits", "8",
-                 "-o", str(out)])
+                 "--validation", "0.25", "-o", str(out)])
     assert code == 0, capsys.readouterr().err
     assert (out / "tiny.qdq.onnx").is_file() and (out / "tiny.encodings.json").is_file()
     assert (out / "checkpoints" / "last.pt").is_file()
+    history = torch.load(out / "checkpoints" / "last.pt", weights_only=False)["history"]
+    assert len(history) == 2 and all(np.isfinite(h["val_loss"]) for h in history)
     qdq = onnxq.load(out / "tiny.qdq.onnx")
     assert any(n.op_type == "QuantizeLinear" for n in qdq.graph)
     assert "trained" in capsys.readouterr().out

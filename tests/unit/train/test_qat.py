@@ -139,6 +139,37 @@ def test_checkpoint_resume_and_seed_give_the_same_weights(sim, data, tmp_path) -
     assert (tmp_path / "b" / "last.pt").exists() and (tmp_path / "b" / "epoch2.pt").exists()
 
 
+def test_validation_keeps_the_weights_of_the_best_epoch(sim, data, monkeypatch) -> None:
+    # held-out losses scripted so that epoch 2 is the best: the weights that come back are the
+    # ones of epoch 2, not the last ones
+    import onnxq.train.loop as loop
+
+    scripted = iter([5.0, 3.0, 1.0, 2.0, 4.0])  # start, then epochs 1..4
+    real = loop._validation
+
+    def fake(qat, val, run_teacher, config, n_outputs):
+        measured = real(qat, val, run_teacher, config, n_outputs)
+        held.append(len(next(iter(val.values()))))
+        return lambda: (measured(), next(scripted))[1]
+
+    held: list[int] = []
+    monkeypatch.setattr(loop, "_validation", fake)
+    qat = prepare(sim, learn_ranges=True)
+    snapshots = {}
+
+    def snap(epoch: int, entry: dict) -> None:
+        snapshots[epoch] = qat.graph.parameter("w2").detach().numpy().copy()
+
+    cfg = TrainConfig(epochs=4, batch_size=16, lr=3e-2, seed=1, validation=0.25, progress=False)
+    history = fit(qat, {"image": data}, None, cfg, callback=snap)
+    assert [h["val_loss"] for h in history] == [3.0, 1.0, 2.0, 4.0]
+    assert held == [24] and history[-1]["steps"] == 4 * 5  # 72 training samples: 5 steps of 16
+    assert not np.array_equal(snapshots[2], snapshots[4])
+    assert np.array_equal(qat.graph.parameter("w2").detach().numpy(), snapshots[2])
+    with pytest.raises(ConfigError, match="validation"):
+        TrainConfig(validation=1.0)
+
+
 def test_labels_and_wrong_data_are_checked(sim, data) -> None:
     qat = prepare(sim)
     with pytest.raises(ConfigError):
