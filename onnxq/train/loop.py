@@ -14,7 +14,9 @@ and the mean squared error divided by the teacher's variance otherwise (embeddin
 mixup the label loss mixes the two labels. :func:`distill` (float students) can add the mean
 normalized MSE of intermediate tensors both models share. AdamW on the weights (``lr``) and,
 separately, on the quantizers' log-scales and offsets (``range_lr``, no weight decay), both on
-a cosine schedule to 0 after a linear warm-up. A checkpoint (``last.pt`` and ``epoch<N>.pt``) is
+a cosine schedule to 0 after a linear warm-up. With ``validation``, a seeded fraction of the
+samples is held out and the weights of the epoch with the lowest held-out distillation loss
+(the start included) are the ones kept. A checkpoint (``last.pt`` and ``epoch<N>.pt``) is
 written after each epoch; ``resume=True`` continues from ``last.pt``. Shuffling and augmentation
 draw from one generator seeded by ``seed``, so a run is repeatable on the same machine and
 thread count.
