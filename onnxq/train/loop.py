@@ -207,11 +207,7 @@ def fit(
     run_teacher = teacher if callable(teacher) else _teacher(teacher or reference)
     val: dict[str, np.ndarray] | None = None
     if config.validation > 0:
-        k = max(1, int(round(n * config.validation)))
-        if k >= n:
-            raise ConfigError(f"validation {config.validation} leaves no training samples of {n}")
-        order = np.random.default_rng(config.seed).permutation(n)
-        held, keep = np.sort(order[:k]), np.sort(order[k:])
+        held, keep = validation_split(n, config)
         val = {name: v[held] for name, v in arrays.items()}
         arrays = {name: v[keep] for name, v in arrays.items()}
         labels = labels[keep] if labels is not None else None
@@ -338,6 +334,15 @@ def fit(
         log.info("%s: kept the weights of epoch %d (validation loss %.4g)", what, best[1], best[0])
     qat.eval()
     return history
+
+
+def validation_split(n: int, config: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(held-out, training) sample indices for ``config.validation`` of ``n`` samples (seeded)."""
+    k = max(1, int(round(n * config.validation)))
+    if k >= n:
+        raise ConfigError(f"validation {config.validation} leaves no training samples of {n}")
+    order = np.random.default_rng(config.seed).permutation(n)
+    return np.sort(order[:k]), np.sort(order[k:])
 
 
 def _validation(qat: Any, val: Mapping[str, np.ndarray], run_teacher: Callable, config: TrainConfig,
@@ -493,8 +498,10 @@ def run_qat(
     float_model = onnxq.load(model)
     arrays = load_training_data(data, float_model)
     n = len(next(iter(arrays.values())))
-    k = min(n, calibration_limit or n)
-    calib = [{name: v[i:i + 32] for name, v in arrays.items()} for i in range(0, k, 32)]
+    # the held-out samples stay out of calibration (and AdaRound) too, or they would not be held out
+    usable = validation_split(n, train)[1] if train.validation > 0 else np.arange(n)
+    first = usable[:min(len(usable), calibration_limit or len(usable))]
+    calib = [{name: v[first[i:i + 32]] for name, v in arrays.items()} for i in range(0, len(first), 32)]
     sim = onnxq.quantize(float_model, calib, config=config, passes=passes, adaround=adaround)
     module = prepare(sim, learn_ranges=learn_ranges)
     history = fit(module, arrays, labels, train)

@@ -62,3 +62,25 @@ def test_qat_command_with_wrong_data_fails_in_one_line(files, capsys, tmp_path) 
     err = capsys.readouterr().err.strip()
     assert code == 1 and err.startswith("onnxq: error:") and "\n" not in err
     assert not out.exists()
+
+
+def test_held_out_samples_stay_out_of_calibration(files, monkeypatch) -> None:
+    from onnxq.train import TrainConfig, run_qat
+    from onnxq.train.loop import validation_split
+
+    model, data, _, out = files
+    arrays = np.concatenate([np.load(data / f"batch{i}.npy") for i in range(2)])
+    seen = []
+    real = onnxq.quantize
+
+    def spy(float_model, calib, *args, **kwargs):
+        seen.extend(b["image"] for b in calib)
+        return real(float_model, calib, *args, **kwargs)
+
+    monkeypatch.setattr(onnxq, "quantize", spy)
+    cfg = TrainConfig(epochs=1, batch_size=8, validation=0.25, seed=5, progress=False)
+    run_qat(str(model), {"image": arrays}, out, train=cfg)
+    held, keep = validation_split(len(arrays), cfg)
+    calibrated = np.concatenate(seen)
+    np.testing.assert_array_equal(calibrated, arrays[keep])
+    assert not any(np.array_equal(arrays[i], c) for i in held for c in calibrated)
