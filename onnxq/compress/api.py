@@ -356,6 +356,8 @@ def compress(
 
     cache_root = Path(config.cache_dir) if config.cache_dir else Path.home() / ".cache" / "onnxq" / "compress"
 
+    sweeps: dict[str, tuple[Any, Any]] = {}  # sweep results by their digest, within this call
+
     def run_stage(current: ir.Model, index: int, technique: str, stage_target: float, tmp: str,
                   calib_path: str, proxy_path: str, tag: str) -> tuple[ir.Model, dict]:
         cost = count_macs(current)
@@ -371,14 +373,18 @@ def compress(
         namespace = digest(Path(stage_path), Path(proxy_path), Path(calib_path) if technique == "cp" else "",
                            evaluator_id(evaluate), config.metric, technique, config.method, config.rows,
                            config.seed, config.channel_multiple, "compress-sweep-v2")
-        update, close = _bar(progress, f"sweep {technique}", len(layers) + 1)
-        try:
-            baseline, curves = run_ratio_sweep(
-                spec, layers, config.ratios, workers=workers,
-                cache_dir=str(cache_root) if config.cache else None, namespace=namespace,
-                progress=update, ray=config.ray)
-        finally:
-            close()
+        if namespace in sweeps:  # the same stage input again (the first stage of every candidate)
+            baseline, curves = sweeps[namespace]
+        else:
+            update, close = _bar(progress, f"sweep {technique}", len(layers) + 1)
+            try:
+                baseline, curves = run_ratio_sweep(
+                    spec, layers, config.ratios, workers=workers,
+                    cache_dir=str(cache_root) if config.cache else None, namespace=namespace,
+                    progress=update, ray=config.ray)
+            finally:
+                close()
+            sweeps[namespace] = (baseline, curves)
         last = index == len(config.scheme) - 1
         min_score = None
         if not last and evaluate is not None:

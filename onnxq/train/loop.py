@@ -455,8 +455,9 @@ def distill(student: Any, teacher: Any, data: Any, config: TrainConfig = TrainCo
 
     ``features=True`` also matches the intermediate tensors both models share
     (:func:`shared_features`: Conv/Gemm/MatMul/Add outputs with the same name and shape), or the
-    tensors named: every image then constrains every layer, which generalizes from far fewer
-    images than the outputs alone (few-sample distillation of a compressed network)."""
+    tensors named, so that every image constrains every layer and not only the outputs. Measured
+    on EfficientNet-Lite0 pruned to 75 % MACs with 205 images: no gain (top-1 0.689 with, 0.684
+    without, 0.689 untuned; ``benchmarks/compress.py --finetune-features``)."""
     anchors: list[str] = []
     if features:
         if isinstance(features, bool):

@@ -252,12 +252,19 @@ def test_cli_compress_fine_tunes_each_stage_with_the_options_given(tmp_path):
     onnx.checker.check_model(onnx.load(out))
 
 
-def test_first_stage_at_a_few_shares_keeps_the_best_candidate(tmp_path):
+def test_first_stage_at_a_few_shares_keeps_the_best_candidate(tmp_path, monkeypatch):
+    import onnxq.compress.select as select
+
     model = tiny()
     data = data_for(model, batches=6)
     base = {"target_macs": 0.6, "scheme": "ssvd+cp", "workers": 1, "cache": False,
             "ratios": (0.3, 0.6, 0.9), "stage_min_sqnr": 0.0}
+    sweeps = []
+    real_sweep = select.run_ratio_sweep
+    monkeypatch.setattr(select, "run_ratio_sweep",
+                        lambda spec, *a, **k: sweeps.append(spec.technique) or real_sweep(spec, *a, **k))
     result = compress(model, data, config=CompressConfig(**base, first_stage_shares=(0.2, 0.8)))
+    assert sweeps == ["ssvd", "cp", "cp"]  # the first stage's sweep is shared by the candidates
     cands = result.summary["candidates"]
     assert [c["first_stage_share"] for c in cands] == [0.2, 0.8]
     best = max(cands, key=lambda c: c["score"])
