@@ -19,6 +19,7 @@ from typing import Any
 
 from onnxq import __version__
 from onnxq.errors import ConfigError, OnnxqError
+from onnxq.quant.config import RANGE_METHODS
 
 log = logging.getLogger("onnxq")
 
@@ -68,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     qua.add_argument("--w-bits", type=int, choices=(4, 8, 16))
     qua.add_argument("--a-bits", type=int, choices=(8, 16))
     qua.add_argument("--range", dest="range_method",
-                     choices=("minmax", "percentile", "mse", "sqnr", "entropy"),
+                     choices=RANGE_METHODS,
                      help="activation range method")
     qua.add_argument("--passes", default="fold-bn",
                      help="float passes first (e.g. dfq; default fold-bn); may also list the data "
@@ -106,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     ana.add_argument("--w-bits", type=int, choices=(4, 8, 16))
     ana.add_argument("--a-bits", type=int, choices=(8, 16))
     ana.add_argument("--range", dest="range_method",
-                     choices=("minmax", "percentile", "mse", "sqnr", "entropy"))
+                     choices=RANGE_METHODS)
     ana.add_argument("--passes", default="fold-bn", help="float passes first; default fold-bn")
     ana.add_argument("--fixes", help="fixes to try, comma-separated (default: per-channel,cle,range,"
                      "adaround,bias-correction,bits,float; 'none' to only diagnose)")
@@ -172,7 +173,7 @@ def _parser() -> argparse.ArgumentParser:
     qat.add_argument("--w-bits", type=int, choices=(4, 8, 16))
     qat.add_argument("--a-bits", type=int, choices=(4, 8, 16))
     qat.add_argument("--range", dest="range_method",
-                     choices=("minmax", "percentile", "mse", "sqnr", "entropy"))
+                     choices=RANGE_METHODS)
     qat.add_argument("--passes", default="fold-bn", help="float passes first; default fold-bn")
     qat.add_argument("--adaround", action="store_true", help="start from AdaRound's rounding")
     qat.add_argument("--fixed-ranges", action="store_true",

@@ -162,7 +162,7 @@ _NO_CONSTANT_FIX = "a constant operand's grid is not set by the config"
 
 class RangeMethod(Fix):
     name, tier = "range", 0
-    activation_methods: tuple[str, ...] = ("percentile", "mse")
+    activation_methods: tuple[str, ...] = ("batch-median", "percentile", "mse")
 
     def candidates(self, state, q):
         if q is None:

@@ -25,7 +25,9 @@ from onnxq.errors import ConfigError
 #: 2: activation placement became a choice ("runtime", the new default); a version-1 config
 #: means a quantizer at every op boundary and loads with placement "all"
 CONFIG_VERSION = 2
-RANGE_METHODS = ("minmax", "percentile", "mse", "entropy")
+#: activation range methods (:data:`onnxq.quant.observers.RANGE_METHODS`); weights use min-max for
+#: all but ``mse``
+RANGE_METHODS = ("minmax", "batch-median", "percentile", "mse", "sqnr", "entropy")
 
 
 @dataclasses.dataclass(frozen=True)

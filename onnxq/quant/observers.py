@@ -40,6 +40,13 @@ the exact min / max). Every returned range contains 0, so that 0 is exactly repr
 zero-point stays on the integer grid; ``symmetric`` ranges are ``(−T, T)``.
 
 - ``minmax``: the running min / max.
+- ``batch-median``: the median over the calibration batches of each batch's min and of each batch's
+  max (symmetric: of each batch's largest ``|x|``), the robust cousin of onnxruntime's moving-average
+  min-max (``CalibMovingAverage``) and TensorFlow's EMA ranges: an extreme that only a few batches
+  reach is clipped, one that most batches reach is kept. It needs no histogram (two floats per
+  batch), does not depend on the order of the batches, and equals ``minmax`` for one batch. What it
+  clips depends on the batch size (a batch's extreme is that of its samples): the same calibration
+  set in more, smaller batches clips more.
 - ``percentile(p=99.99)``: ``lo, hi`` = the ``100 − p`` and ``p`` percentiles; symmetric:
   ``T`` = the ``p`` percentile of ``|x|``.
 - ``mse`` (AIMET's *tf-enhanced* / SQNR idea): minimize over candidate ranges ``[a, b]`` the
@@ -65,9 +72,11 @@ fake-quantization error over a grid of clip ratios, vectorized across channels).
 from __future__ import annotations
 
 __all__ = [
+    "HISTOGRAM_FREE",
     "HISTOGRAM_SAMPLE",
     "RANGE_METHODS",
     "Observer",
+    "batch_median",
     "channel_minmax",
     "compute_range",
     "entropy",
@@ -161,6 +170,10 @@ class Observer:
         self.width = 0.0  # bin width; 0 while every value seen is the same number (all at ``lo``)
         self.channel_min: np.ndarray | None = None
         self.channel_max: np.ndarray | None = None
+        #: the min / max of the finite values of every batch (two floats per batch), in order
+        self.batch_min: list[float] = []
+        self.batch_max: list[float] = []
+        self._bmin, self._bmax = math.inf, -math.inf
 
     # -- accumulation ---------------------------------------------------------------------------
     def update(self, x: np.ndarray) -> None:
@@ -182,10 +195,14 @@ class Observer:
         counts = np.zeros(self.bins + 2, np.int64) if self.histogram else None
         step = _stride(flat.size, self.sample) if self.histogram else 1
         phase = (self.batches * 7919) % step  # a different offset each batch (deterministic)
+        self._bmin, self._bmax = math.inf, -math.inf
         for start in range(0, flat.size, _CHUNK):
             nonfinite += self._chunk(
                 flat[start : start + _CHUNK], counts, step, (phase - start) % step
             )
+        if self._bmin <= self._bmax:  # the batch had finite values
+            self.batch_min.append(self._bmin)
+            self.batch_max.append(self._bmax)
         if counts is not None:
             self._flush(counts)
         if self.axis is not None:
@@ -221,6 +238,7 @@ class Observer:
                 self._bin(sample, counts, count_zeros=mn <= 0.0 <= mx, weight=step)
         self.count += part.size
         self.min, self.max = min(self.min, mn), max(self.max, mx)
+        self._bmin, self._bmax = min(self._bmin, mn), max(self._bmax, mx)
         return nonfinite
 
     def _bin(
@@ -422,6 +440,19 @@ def minmax(obs: Observer, bits: int = 8, symmetric: bool = False) -> tuple[float
         t = max(abs(obs.min), abs(obs.max))
         return -t, t
     return _with_zero(obs.min, obs.max)
+
+
+def batch_median(obs: Observer, bits: int = 8, symmetric: bool = False) -> tuple[float, float]:
+    """Median over batches of each batch's min / max (with 0 included); symmetric: ``±`` the
+    median of each batch's largest ``|x|`` (module doc)."""
+    obs._require_data()
+    if not obs.batch_min:  # no batch history (e.g. an observer restored from counts only)
+        return minmax(obs, bits, symmetric)
+    lo, hi = np.asarray(obs.batch_min), np.asarray(obs.batch_max)
+    if symmetric:
+        t = float(np.median(np.maximum(-lo, hi)))
+        return -t, t
+    return _with_zero(float(np.median(lo)), float(np.median(hi)))
 
 
 def percentile(
@@ -682,9 +713,13 @@ def entropy(obs: Observer, bits: int = 8, symmetric: bool = False) -> tuple[floa
 
 RangeMethod = Callable[..., tuple[float, float]]
 
+#: range methods that need only the min / max of every batch (no histogram)
+HISTOGRAM_FREE = ("minmax", "batch-median")
+
 #: name → ``f(observer, bits=8, symmetric=False, **options) -> (lo, hi)``
 RANGE_METHODS: dict[str, RangeMethod] = {
     "minmax": minmax,
+    "batch-median": batch_median,
     "percentile": percentile,
     "mse": mse,
     "sqnr": sqnr,

@@ -327,12 +327,12 @@ def _calibrate_and_build(
     progress: Callable[[int], None] | None,
     given: dict[str, Encoding] | None = None,
 ) -> QuantSim:
-    from onnxq.quant.observers import weight_range
+    from onnxq.quant.observers import HISTOGRAM_FREE, weight_range
     from onnxq.runtime.capture import collect_statistics
 
     names = sorted({v.name for g in plan.groups for v in g.members if v.name})
     needs_histogram = any(
-        g.spec.range_method != "minmax" for g in plan.groups if g.fixed_range is None
+        g.spec.range_method not in HISTOGRAM_FREE for g in plan.groups if g.fixed_range is None
     )
     observers = collect_statistics(
         float_model, names, calibration_data, histogram=needs_histogram, progress=progress

@@ -95,20 +95,30 @@ def test_python_m_entry_point(tmp_path):
     assert "layers have a per-channel range spread" in proc.stdout
 
 
-def test_quantize_from_npy_folder(tmp_path, capsys):
+@pytest.mark.parametrize("method", ["mse", "sqnr", "batch-median"])
+def test_quantize_from_npy_folder(tmp_path, capsys, method):
     src, ref = make(tmp_path)
     calib = tmp_path / "calib"
     calib.mkdir()
     rng = np.random.default_rng(0)
-    for i in range(3):
-        np.save(calib / f"{i:03d}.npy", rng.standard_normal((2, 3, 8, 8)).astype(np.float32))
+    batches = [rng.standard_normal((2, 3, 8, 8)).astype(np.float32) for _ in range(3)]
+    for i, batch in enumerate(batches):
+        np.save(calib / f"{i:03d}.npy", batch)
     out = tmp_path / "q"
-    code = main(["quantize", str(src), "--calib", str(calib), "--per-channel", "--range", "mse",
+    code = main(["quantize", str(src), "--calib", str(calib), "--per-channel", "--range", method,
                  "-o", str(out)])
     assert code == 0, capsys.readouterr().err
     assert (out / "in.qdq.onnx").exists() and (out / "in.encodings.json").exists()
     ops = [n.op_type for n in ir.load(out / "in.qdq.onnx").graph]
     assert "QuantizeLinear" in ops
+    if method == "batch-median":  # the model input's grid spans the median batch's extremes
+        data = json.loads((out / "in.encodings.json").read_text())
+        enc = next(e for e in data["activation_encodings"] if e["name"] == "x")
+        lo = enc["offset"][0] * enc["scale"][0]
+        hi = lo + 255 * enc["scale"][0]
+        step = enc["scale"][0]
+        assert abs(lo - np.median([b.min() for b in batches])) <= step
+        assert abs(hi - np.median([b.max() for b in batches])) <= step
 
 
 def test_quantize_with_adaround_seq_mse_and_bias_correction(tmp_path, capsys):

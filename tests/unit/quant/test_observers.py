@@ -7,8 +7,10 @@ import pytest
 
 from onnxq.errors import ConfigError
 from onnxq.quant.observers import (
+    HISTOGRAM_FREE,
     RANGE_METHODS,
     Observer,
+    batch_median,
     channel_minmax,
     compute_range,
     entropy,
@@ -105,6 +107,40 @@ def test_minmax_is_exact_and_includes_zero(gauss):
     t = float(np.abs(gauss).max())
     assert minmax(obs, symmetric=True) == (-t, t)
     assert minmax(_fed(np.array([2.0, 5.0]))) == (0.0, 5.0)
+
+
+def test_batch_median_clips_an_extreme_that_few_batches_reach():
+    rng = np.random.default_rng(0)
+    batches = [rng.uniform(-1.0, 2.0, 1000).astype(np.float32) for _ in range(9)]
+    batches[3][7] = 40.0  # one outlier in one batch
+    batches[5][0] = -30.0
+    obs = _fed(*batches)
+    assert obs.batch_min == [float(b.min()) for b in batches]
+    assert obs.batch_max == [float(b.max()) for b in batches]
+    lo, hi = batch_median(obs)
+    assert (lo, hi) == (float(np.median([b.min() for b in batches])),
+                        float(np.median([b.max() for b in batches])))
+    assert -1.0 <= lo < -0.99 and 1.99 < hi <= 2.0  # the outliers are gone, the rest is kept
+    assert minmax(obs) == (-30.0, 40.0)
+    # the order of the batches does not matter
+    assert batch_median(_fed(*batches[::-1])) == (lo, hi)
+    t = float(np.median([np.abs(b).max() for b in batches]))
+    assert batch_median(obs, symmetric=True) == (-t, t)
+
+
+def test_batch_median_of_one_batch_is_minmax_and_needs_no_histogram(gauss):
+    for histogram in (True, False):
+        obs = _fed(gauss, histogram=histogram)
+        assert batch_median(obs) == minmax(obs)
+        assert batch_median(obs, symmetric=True) == minmax(obs, symmetric=True)
+    assert set(HISTOGRAM_FREE) == {"minmax", "batch-median"}
+    # 0 stays inside the range; batches with no finite value are left out
+    obs = _fed(np.array([2.0, 3.0]), np.array([np.nan, np.inf]), np.array([1.0, 5.0]))
+    assert obs.batch_max == [3.0, 5.0] and batch_median(obs) == (0.0, 4.0)
+    # a batch larger than one chunk: its extremes span all its chunks
+    big = np.zeros(300_000, np.float32)
+    big[5], big[-5] = -2.0, 7.0
+    assert _fed(big).batch_min == [-2.0] and _fed(big).batch_max == [7.0]
 
 
 def test_per_channel_minmax():
