@@ -190,6 +190,8 @@ class _WorkingModel:
             codes = np.clip(np.rint(b / np.broadcast_to(b_scale, b.shape)), -(2**31), 2**31 - 1)
             b_dq.inputs[0].const_value = ir.Tensor(codes.astype(np.int32), name=b_dq.inputs[0].name)
             set_constant(b_dq.inputs[1], np.asarray(b_scale, np.float32))
+        elif sol.bias is not None:  # a float bias (not quantized): written as it is
+            self._set_bias(node, sol.bias)
 
 
 def optimize_layers(

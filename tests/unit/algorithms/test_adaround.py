@@ -205,3 +205,88 @@ def test_adaround_with_4bit_activations_runs():
     sim = onnxq.quantize(model, data, config)
     out = adaround(sim, data, iterations=50, rows_per_layer=256)
     assert all(e.frozen for e in out.encodings if e.kind == "param" and e.bits == 4)
+
+
+@pytest.mark.parametrize("act", [Activation("identity"), Activation("relu"), Activation("clip", (0.0, 6.0))])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_fit_gain_recovers_a_planted_gain_and_shift(act, with_bias):
+    from onnxq.algorithms.adaround import fit_gain
+
+    job = _job(act, shape=(2, 3, 12), rows=800)
+    gain = np.array([1.1, 0.9, 1.0, 1.3, 0.8, 1.05])
+    shift = np.array([0.2, -0.1, 0.0, 0.3, -0.2, 0.1]) if with_bias else np.zeros(6)
+    y = np.einsum("rgk,gok->rgo", job.inputs, job.weight).reshape(800, -1) * gain + job.bias + shift
+    job = dataclasses.replace(job, target=act(y.astype(np.float32)))
+    g, b = fit_gain(job, job.weight, with_bias=with_bias)
+    np.testing.assert_allclose(g, gain, atol=1e-3)
+    np.testing.assert_allclose(b - job.bias, shift, atol=1e-3)
+    # a gain outside the bounds is refused: the row keeps its scale and bias
+    far = dataclasses.replace(job, target=act((y * 3).astype(np.float32)))
+    g, b = fit_gain(far, far.weight, with_bias=False)
+    assert np.all((g == 1.0) | ((g >= 0.5) & (g <= 2.0)))
+
+
+def test_round_layer_with_scale_refit_lowers_the_layer_loss():
+    job = _job(Activation("relu"), shape=(1, 6, 12), rows=600)
+    cfg = AdaRoundConfig(iterations=300, batch_rows=128, fit_bias=False)
+    plain = round_layer(job, cfg)
+    refit = round_layer(dataclasses.replace(job, rng=np.random.default_rng(0)),
+                        dataclasses.replace(cfg, fit_scale=True))
+    np.testing.assert_array_equal(plain.codes, refit.codes)  # the codes stay
+    assert plain.scale is None and refit.scale is not None
+    assert refit.info["loss_scale"] < plain.info["loss"]
+    w_refit = ((refit.codes - job.zero) * refit.scale).astype(np.float32)
+    assert reconstruction_loss(job, w_refit) == pytest.approx(refit.info["loss_scale"], abs=1e-6)
+
+
+def test_adaround_with_scale_refit_keeps_the_qdq_and_float_models_consistent(tmp_path):
+    model = model_from_text(MODEL)
+    rng = np.random.default_rng(0)
+    data = [rng.standard_normal((8, 3, 8, 8)).astype(np.float32) for _ in range(4)]
+    sim = onnxq.quantize(model, data, _w4())
+    cfg = AdaRoundConfig(iterations=200, batch_rows=128, rows_per_layer=1024, fit_scale=True)
+    out = adaround(sim, data, cfg)
+    before = {e.name: e for e in sim.encodings if e.kind == "param"}
+    after = {e.name: e for e in out.encodings if e.kind == "param"}
+    changed = [n for n in ("w1", "w2", "w3") if after[n].scale != before[n].scale]
+    assert changed and all(after[n].frozen for n in changed)
+    for name in changed:  # the QDQ weight dequantizes to the float model's weight
+        dq = next(n for n in out.model.graph if n.op_type == "DequantizeLinear"
+                  and n.outputs[0].name.startswith(name))
+        codes = dq.inputs[0].const_value.numpy().astype(np.float64)
+        scale = dq.inputs[1].const_value.numpy().astype(np.float64).reshape(-1, *[1] * (codes.ndim - 1))
+        np.testing.assert_allclose(scale.reshape(-1), after[name].scale, rtol=1e-6)
+        np.testing.assert_allclose(codes * scale, out.float_model.graph.initializers[name].const_value.numpy(),
+                                   atol=1e-6)
+    # the encodings file rebuilds the same model
+    out.export(tmp_path)
+    again = onnxq.quant.sim.quantize_with_encodings(out.float_model, next(tmp_path.glob("*.encodings.json")), _w4())
+    test = rng.standard_normal((4, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(onnxq.runtime.run(again.model, {"x": test})[0],
+                               onnxq.runtime.run(out.model, {"x": test})[0], atol=1e-5)
+
+
+def test_a_new_scale_and_bias_reach_a_float_bias_of_the_working_model():
+    """The model that feeds later layers gets a layer's refitted bias with its refitted scale, also
+    where the bias is not quantized (it was dropped there, and the later layers compensated)."""
+    from onnxq.algorithms._driver import Solution, _rows_of, _WorkingModel
+    from onnxq.algorithms._layers import find_layers
+
+    model = model_from_text(MODEL)
+    rng = np.random.default_rng(0)
+    data = [rng.standard_normal((8, 3, 8, 8)).astype(np.float32) for _ in range(2)]
+    sim = onnxq.quantize(model, data, dataclasses.replace(_w4(), quantize_bias=False))
+    work = _WorkingModel(sim, act_quant=True)
+    layer = next(la for la in find_layers(sim.fp32_model)[0] if la.weight_layer.weight.name == "w1")
+    enc = next(e for e in sim.encodings if e.name == "w1")
+    w = layer.weight_matrix()
+    scale, zero = _rows_of(enc, layer, w.shape)
+    codes = np.clip(np.rint(w / scale) + zero, enc.grid().qmin, enc.grid().qmax).astype(np.int64)
+    job = LayerJob(layer, w, scale, zero, enc.grid(), layer.bias(), np.zeros((1, 1, w.shape[2]), np.float32),
+                   np.zeros((1, w.shape[0] * w.shape[1]), np.float32), enc, rng)
+    new_bias = layer.bias() + np.arange(8, dtype=np.float32)
+    work.update(layer, job, Solution(codes, scale=scale * 1.1, bias=new_bias))
+    conv = next(n for n in work.model.graph if n.op_type == "Conv" and n.inputs[2].name == "b1")
+    np.testing.assert_allclose(conv.inputs[2].const_value.numpy(), new_bias)
+    dq = conv.inputs[1].producer()
+    np.testing.assert_allclose(dq.inputs[1].const_value.numpy().reshape(-1), (scale * 1.1).reshape(-1), rtol=1e-6)
