@@ -67,7 +67,10 @@ class AdaRoundConfig:
     #: after rounding (and the bias refit), refit each output channel's weight scale together
     #: with its bias on the same rows (Gauss-Newton on the same loss; the integer codes stay):
     #: the "optionally refined" grid of AdaRound. Per-channel weight grids only; a channel whose
-    #: gain would leave [0.5, 2] keeps its scale
+    #: gain would leave [0.5, 2] keeps its scale. Off by default: it fits the calibration rows
+    #: better and the held-out data no better (measured W4A8: EfficientNet-Lite0 KL(FP32‖Q) on 64
+    #: calibration images 0.020 → 0.009, held-out top-1 0.865 → 0.861; PP-OCR rec CER 2.5 % →
+    #: 15.6 % on 600 held-out lines)
     fit_scale: bool = False
     #: use at most this many calibration samples (None: all)
     max_samples: int | None = None
