@@ -2,7 +2,8 @@
 
 For each model, side by side in one run: FP32, ``onnxq.quantize`` and onnxruntime's
 ``quantize_static`` (QDQ format, ``QUInt8`` activations / ``QInt8`` weights, the same granularity,
-MinMax calibration, plus Entropy; ``quant_pre_process`` first as onnxruntime recommends, its time
+MinMax calibration, plus Entropy and MinMax with ``CalibMovingAverage`` — its counterpart of
+onnxq's ``batch-median`` range; ``quant_pre_process`` first as onnxruntime recommends, its time
 included) on the same float model and the same calibration batches. Per row:
 
 * the metric (EfficientNet-Lite0: top-1 and argmax agreement with FP32; PP-OCR rec: character
@@ -21,7 +22,7 @@ included) on the same float model and the same calibration batches. Per row:
 * calibration time against plain FP32 inference (optimizations on, 2 threads) over the same
   calibration batches (target: calibration ≤ 2× inference): per row, the row's own calibration
   against the best of 3 FP32 runs; and, per model, ``calibration_timing``: onnxq's calibration
-  (statistics pass + range computation) for minmax / mse / entropy alternated with FP32 inference
+  (statistics pass + range computation) for minmax / batch-median / mse / entropy alternated with FP32 inference
   ``--calib-reps`` times (default 3), best against best — the figure to quote on a shared machine.
 
 onnxq rows use its default placement ("runtime": quantizers only where onnxruntime runs integer
