@@ -445,9 +445,7 @@ def minmax(obs: Observer, bits: int = 8, symmetric: bool = False) -> tuple[float
 def batch_median(obs: Observer, bits: int = 8, symmetric: bool = False) -> tuple[float, float]:
     """Median over batches of each batch's min / max (with 0 included); symmetric: ``±`` the
     median of each batch's largest ``|x|`` (module doc)."""
-    obs._require_data()
-    if not obs.batch_min:  # no batch history (e.g. an observer restored from counts only)
-        return minmax(obs, bits, symmetric)
+    obs._require_data()  # finite values seen: at least one batch has its extremes recorded
     lo, hi = np.asarray(obs.batch_min), np.asarray(obs.batch_max)
     if symmetric:
         t = float(np.median(np.maximum(-lo, hi)))
