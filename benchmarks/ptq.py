@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         for row in res["rows"]:
             row.setdefault("commit", commit)
     json_path = Path(args.json)
-    if args.rows and json_path.is_file():  # a partial run replaces only its rows
+    partial = args.rows or set(args.models.split(",")) != set(MODELS)
+    if partial and json_path.is_file():  # a partial run replaces only its models' / rows' results
         previous = json.loads(json_path.read_text())
         for res in previous.get("results", []):
             for row in res["rows"]:
