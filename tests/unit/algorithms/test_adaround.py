@@ -290,3 +290,16 @@ def test_a_new_scale_and_bias_reach_a_float_bias_of_the_working_model():
     np.testing.assert_allclose(conv.inputs[2].const_value.numpy(), new_bias)
     dq = conv.inputs[1].producer()
     np.testing.assert_allclose(dq.inputs[1].const_value.numpy().reshape(-1), (scale * 1.1).reshape(-1), rtol=1e-6)
+
+
+def test_adaround_keeps_the_activation_grids_its_layers_were_fitted_to():
+    model = model_from_text(MODEL)
+    rng = np.random.default_rng(0)
+    data = [rng.standard_normal((8, 3, 8, 8)).astype(np.float32) for _ in range(4)]
+    sim = onnxq.quantize(model, data, _w4())
+    out = adaround(sim, data, AdaRoundConfig(iterations=100, batch_rows=128, rows_per_layer=1024))
+    acts = lambda s: {e.name: (e.scale, e.zero_point) for e in s.encodings if e.kind == "activation"}  # noqa: E731
+    assert acts(out) == acts(sim)
+    # the float model's biases moved (bias refit), so a recalibration would have moved some grids
+    assert not np.allclose(out.float_model.graph.initializers["b2"].const_value.numpy(),
+                           sim.float_model.graph.initializers["b2"].const_value.numpy())
