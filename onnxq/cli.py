@@ -192,6 +192,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="fraction of the data held out; the weights of the epoch with the lowest "
                      "held-out distillation loss are kept (default 0: the last epoch's)")
     qat.add_argument("--seed", type=int, default=0)
+    qat.add_argument("--device", default="auto",
+                     help="where the student trains: auto (a CUDA GPU when torch sees one), cpu, cuda, cuda:N")
     qat.add_argument("--checkpoint-dir", help="checkpoint after each epoch (default OUT/checkpoints)")
     qat.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     qat.add_argument("-o", "--output", required=True, help="output folder")
@@ -479,7 +481,7 @@ def _cmd_qat(args: argparse.Namespace) -> int:
     train = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, range_lr=args.range_lr,
         augment="none" if args.no_augment else args.augment, seed=args.seed, resume=args.resume,
-        validation=args.validation,
+        validation=args.validation, device=args.device,
         checkpoint_dir=args.checkpoint_dir or str(Path(args.output) / "checkpoints"),
     )
     result = run_qat(args.model, _calibration_data(args), args.output, labels=labels,

@@ -11,8 +11,9 @@ For each quantized weight layer in topological order:
 4. the working model is updated before the next layer runs.
 
 The result is a new :class:`QuantSim` whose float model carries the dequantized optimized weights
-and whose weight encodings are frozen, so later calibration never changes them; activations are
-recalibrated on the final weights.
+and whose weight encodings are frozen, so later calibration never changes them. The activation
+grids stay those the layers were fitted to (``act_quant``); a weights-only run (``act_quant=False``)
+calibrates them on the final weights.
 """
 
 from __future__ import annotations

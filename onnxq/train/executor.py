@@ -531,8 +531,9 @@ class GraphModule(nn.Module):
             raise ValueError(f"expected {len(self.input_names)} input(s) {self.input_names}, "
                              f"got {len(feeds)}")
         env: list[Any] = [None] * len(self._slot)
+        device = self._device()
         for i, x in enumerate(feeds):
-            env[i] = x if isinstance(x, torch.Tensor) else _to_torch(np.asarray(x))
+            env[i] = (x if isinstance(x, torch.Tensor) else _to_torch(np.asarray(x))).to(device)
         for slot, kind, key in self._consts:
             env[slot] = self.params[key] if kind == "param" else getattr(self, key)
         for fn, ins, outs in self._steps:
@@ -548,9 +549,17 @@ class GraphModule(nn.Module):
         outputs = [env[s] for s in self.output_slots]
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
+    def _device(self) -> torch.device:
+        """Where the module's tensors are (inputs are moved there)."""
+        for t in self.parameters():
+            return t.device
+        for t in self.buffers():
+            return t.device
+        return torch.device("cpu")
+
     def run_numpy(self, feeds: Mapping[str, np.ndarray] | Sequence[np.ndarray]) -> list[np.ndarray]:
         """Evaluate without gradients; numpy in, list of numpy out (like onnxruntime's run)."""
         with torch.no_grad():
             out = self(dict(feeds)) if isinstance(feeds, Mapping) else self(*feeds)
         outs = out if isinstance(out, tuple) else (out,)
-        return [o.detach().numpy() for o in outs]
+        return [o.detach().cpu().numpy() for o in outs]

@@ -77,6 +77,10 @@ class TrainConfig:
     checkpoint_dir: str | None = None
     resume: bool = False
     progress: bool = True
+    #: where the student trains: "auto" (a CUDA GPU when torch sees one, else the CPU), "cpu",
+    #: "cuda", "cuda:1", … (the teacher runs in onnxruntime on the CPU; the trained module is
+    #: back on the CPU when ``fit`` returns, so export is the same either way)
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -87,6 +91,21 @@ class TrainConfig:
             raise ConfigError(f"validation must be a fraction in [0, 1), got {self.validation}")
         if self.augment not in AUGMENT:
             raise ConfigError(f"augment '{self.augment}' is not one of {', '.join(AUGMENT)}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device for a :attr:`TrainConfig.device` setting (a clear error when absent)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(f"device '{name}' is not a torch device: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device '{name}': this torch sees no CUDA GPU (torch {torch.__version__})")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device '{name}': torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+    return device
 
 
 def load_training_data(data: Any, model: Any) -> dict[str, np.ndarray]:
@@ -205,6 +224,9 @@ def fit(
         if len(labels) != n:
             raise ConfigError(f"{len(labels)} labels for {n} samples")
     run_teacher = teacher if callable(teacher) else _teacher(teacher or reference)
+    device = resolve_device(config.device)
+    qat.to(device)
+    log.info("%s on %s", what, device)
     val: dict[str, np.ndarray] | None = None
     if config.validation > 0:
         held, keep = validation_split(n, config)
@@ -236,9 +258,9 @@ def fit(
     ckpt = Path(config.checkpoint_dir) if config.checkpoint_dir else None
     start_epoch, step, history = 0, 0, []
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None  # (val loss, epoch, state)
-    val_loss = _validation(qat, val, run_teacher, config, n_outputs) if val is not None else None
+    val_loss = _validation(qat, val, run_teacher, config, n_outputs, device) if val is not None else None
     if ckpt is not None and config.resume and (ckpt / "last.pt").exists():
-        state = torch.load(ckpt / "last.pt", weights_only=False)
+        state = torch.load(ckpt / "last.pt", weights_only=False, map_location="cpu")
         qat.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -278,20 +300,22 @@ def fit(
                 x = tensors[k][idx]
                 feeds[k] = _augment(x, config.augment, config.shift, gen, mix) if k in images else x
             target = run_teacher({k: v.numpy() for k, v in feeds.items()})
+            feeds = {k: v.to(device) for k, v in feeds.items()}
             out = qat(feeds)
             outs = out if isinstance(out, tuple) else (out,)
-            terms = [_distill_loss(s, torch.from_numpy(np.asarray(t)), config.distill, config.temperature)
+            terms = [_distill_loss(s, torch.from_numpy(np.asarray(t)).to(device), config.distill,
+                                   config.temperature)
                      for s, t in zip(outs, target)]
             loss = sum(terms[:n_outputs])
             if len(terms) > n_outputs:  # intermediate features (FloatStudent(anchors=...)): their mean
                 loss = loss + feature_weight * sum(terms[n_outputs:]) / (len(terms) - n_outputs)
             loss = loss * (1 - alpha)
             if alpha:
-                y = y_all[idx]  # type: ignore[index]
+                y = y_all[idx].to(device)  # type: ignore[index]
                 if mix is None:
                     loss = loss + alpha * F.cross_entropy(outs[0], y)
                 else:  # mixed images, mixed labels
-                    lam = mix[0].to(outs[0].dtype)
+                    lam = mix[0].to(device, outs[0].dtype)
                     ce = lam * F.cross_entropy(outs[0], y, reduction="none") + (1 - lam) * \
                         F.cross_entropy(outs[0], y[mix[1]], reduction="none")
                     loss = loss + alpha * ce.mean()
@@ -332,6 +356,7 @@ def fit(
     if best is not None:
         qat.load_state_dict(best[2])
         log.info("%s: kept the weights of epoch %d (validation loss %.4g)", what, best[1], best[0])
+    qat.to("cpu")
     qat.eval()
     return history
 
@@ -346,13 +371,14 @@ def validation_split(n: int, config: TrainConfig) -> tuple[np.ndarray, np.ndarra
 
 
 def _validation(qat: Any, val: Mapping[str, np.ndarray], run_teacher: Callable, config: TrainConfig,
-                n_outputs: int) -> Callable[[], float]:
+                n_outputs: int, device: torch.device) -> Callable[[], float]:
     """A function returning the mean distillation loss of ``qat``'s outputs on ``val`` (teacher
     outputs computed once, no augmentation, evaluation mode)."""
     size = config.batch_size
     count = len(next(iter(val.values())))
     chunks = [{k: v[i:i + size] for k, v in val.items()} for i in range(0, count, size)]
-    targets = [[torch.from_numpy(np.asarray(t)) for t in run_teacher(c)][:n_outputs] for c in chunks]
+    targets = [[torch.from_numpy(np.asarray(t)).to(device) for t in run_teacher(c)][:n_outputs]
+               for c in chunks]
 
     def loss() -> float:
         was_training = qat.training
@@ -360,7 +386,7 @@ def _validation(qat: Any, val: Mapping[str, np.ndarray], run_teacher: Callable, 
         total = 0.0
         with torch.no_grad():
             for chunk, target in zip(chunks, targets):
-                out = qat({k: torch.from_numpy(v) for k, v in chunk.items()})
+                out = qat({k: torch.from_numpy(v).to(device) for k, v in chunk.items()})
                 outs = (out if isinstance(out, tuple) else (out,))[:n_outputs]
                 total += float(sum(_distill_loss(o, t, config.distill, config.temperature)
                                    for o, t in zip(outs, target))) * len(next(iter(chunk.values())))

@@ -444,12 +444,12 @@ def average_pool(attrs: Attrs, x: torch.Tensor) -> torch.Tensor:
 @register("Shape", since=1, start=0)
 def shape(attrs: Attrs, x: torch.Tensor) -> torch.Tensor:
     dims = list(x.shape)[attrs["start"]:attrs.get("end")]
-    return torch.tensor(dims, dtype=torch.int64)
+    return torch.tensor(dims, dtype=torch.int64, device=x.device)
 
 
 @register("Size", since=1)
 def size(attrs: Attrs, x: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(x.numel(), dtype=torch.int64)
+    return torch.tensor(x.numel(), dtype=torch.int64, device=x.device)
 
 
 @register("Reshape", since=5, allowzero=0)
@@ -551,7 +551,7 @@ def _slice(x: torch.Tensor, starts: list[int], ends: list[int], axes: list[int] 
         else:  # negative step: flip, then slice forwards
             s = min(max(s + dim if s < 0 else s, -1), dim - 1)
             e = min(max(e + dim if e < 0 else e, -1), dim - 1)
-            idx = torch.arange(s, e, st, dtype=torch.int64)
+            idx = torch.arange(s, e, st, dtype=torch.int64, device=x.device)
             x = x.index_select(a, idx)
     return x
 
@@ -571,7 +571,7 @@ def gather_nd(attrs: Attrs, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError("GatherND with batch_dims")
     idx = idx.to(torch.int64)
     k = idx.shape[-1]
-    dims = torch.tensor(x.shape[:k], dtype=torch.int64)
+    dims = torch.tensor(x.shape[:k], dtype=torch.int64, device=x.device)
     idx = torch.where(idx < 0, idx + dims, idx)
     flat = idx.reshape(-1, k)
     out = x[tuple(flat[:, i] for i in range(k))]
@@ -599,14 +599,14 @@ def tile(attrs: Attrs, x: torch.Tensor, repeats: torch.Tensor) -> torch.Tensor:
 
 @register("Range", since=11)
 def range_(attrs: Attrs, start: torch.Tensor, limit: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype)
+    return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype, device=start.device)
 
 
 @register("ConstantOfShape", since=9)
 def constant_of_shape(attrs: Attrs, shape_t: torch.Tensor) -> torch.Tensor:
     value = attrs.get("value")
     fill = value.reshape(-1)[0] if value is not None else torch.tensor(0.0)
-    return torch.full(_ints(shape_t) or [], fill.item(), dtype=fill.dtype)
+    return torch.full(_ints(shape_t) or [], fill.item(), dtype=fill.dtype, device=shape_t.device)
 
 
 def _check_pad(attrs: Attrs, node: Any) -> str | None:

@@ -96,7 +96,7 @@ def test_training_then_export_agrees_with_onnxruntime(sim, data, tmp_path) -> No
         assert by_name[encoded]["scale"][0] == pytest.approx(written, rel=1e-6)
     # the float model carries the trained weights
     f = onnxq.load(paths["float"]).graph.initializers
-    assert np.array_equal(f["fc"].const_value.numpy(), qat.graph.parameter("fc").detach().numpy())
+    assert np.array_equal(f["fc"].const_value.numpy(), qat.graph.parameter("fc").detach().cpu().numpy())
 
 
 def test_fixed_ranges_do_not_move_and_frozen_encodings_stay_frozen(sim, data) -> None:
@@ -130,7 +130,7 @@ def test_checkpoint_resume_and_seed_give_the_same_weights(sim, data, tmp_path) -
             fit(qat, {"image": data}, None, cfg, callback=stop)
         except KeyboardInterrupt:
             pass
-        return qat.graph.parameter("w2").detach().numpy().copy()
+        return qat.graph.parameter("w2").detach().cpu().numpy().copy()
 
     straight = train("a")
     train("b", interrupt_at=2)  # epoch 1 checkpointed, epoch 2 lost
@@ -147,8 +147,8 @@ def test_validation_keeps_the_weights_of_the_best_epoch(sim, data, monkeypatch) 
     scripted = iter([5.0, 3.0, 1.0, 2.0, 4.0])  # start, then epochs 1..4
     real = loop._validation
 
-    def fake(qat, val, run_teacher, config, n_outputs):
-        measured = real(qat, val, run_teacher, config, n_outputs)
+    def fake(qat, val, run_teacher, config, n_outputs, device):
+        measured = real(qat, val, run_teacher, config, n_outputs, device)
         held.append(len(next(iter(val.values()))))
         return lambda: (measured(), next(scripted))[1]
 
@@ -158,14 +158,14 @@ def test_validation_keeps_the_weights_of_the_best_epoch(sim, data, monkeypatch) 
     snapshots = {}
 
     def snap(epoch: int, entry: dict) -> None:
-        snapshots[epoch] = qat.graph.parameter("w2").detach().numpy().copy()
+        snapshots[epoch] = qat.graph.parameter("w2").detach().cpu().numpy().copy()
 
     cfg = TrainConfig(epochs=4, batch_size=16, lr=3e-2, seed=1, validation=0.25, progress=False)
     history = fit(qat, {"image": data}, None, cfg, callback=snap)
     assert [h["val_loss"] for h in history] == [3.0, 1.0, 2.0, 4.0]
     assert held == [24] and history[-1]["steps"] == 4 * 5  # 72 training samples: 5 steps of 16
     assert not np.array_equal(snapshots[2], snapshots[4])
-    assert np.array_equal(qat.graph.parameter("w2").detach().numpy(), snapshots[2])
+    assert np.array_equal(qat.graph.parameter("w2").detach().cpu().numpy(), snapshots[2])
     with pytest.raises(ConfigError, match="validation"):
         TrainConfig(validation=1.0)
 
@@ -193,3 +193,32 @@ def test_a_model_without_quantizers_is_refused(sim) -> None:
 
 def test_import_onnxq_train_needs_no_change_to_onnxq() -> None:
     assert "train" not in onnxq.__all__ and isinstance(ir.Model, type)
+
+
+def test_a_device_torch_cannot_use_is_a_clear_error(sim, data) -> None:
+    from onnxq.train.loop import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="not a torch device"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="sees no CUDA GPU"):
+            fit(prepare(sim), {"image": data[:16]}, None, TrainConfig(device="cuda", progress=False))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: QAT on a GPU is checked on a machine with one")
+def test_qat_on_a_gpu_matches_the_cpu_and_exports_the_same_way(sim, data, tmp_path) -> None:
+    config = TrainConfig(epochs=2, batch_size=16, lr=1e-3, range_lr=2e-2, progress=False, augment="none")
+    runs = {}
+    for device in ("cpu", "cuda"):
+        qat = prepare(sim, learn_ranges=True)
+        fit(qat, {"image": data}, np.arange(len(data)) % 10, dataclasses.replace(config, device=device))
+        assert next(qat.parameters()).device.type == "cpu"  # back on the CPU for export
+        paths = qat.export(tmp_path / device, "tiny")
+        runs[device] = (qat.graph.run_numpy({"image": data})[0], run(onnxq.load(paths["qdq"]), {"image": data})[0])
+    (cpu_torch, cpu_ort), (gpu_torch, gpu_ort) = runs["cpu"], runs["cuda"]
+    assert sqnr_db(gpu_torch, gpu_ort) > 35  # the exported model is the trained one
+    # the same training on another device: the same model up to float rounding of the steps
+    assert (cpu_ort.argmax(1) == gpu_ort.argmax(1)).mean() >= 0.95
+    assert sqnr_db(cpu_ort, gpu_ort) > 20
