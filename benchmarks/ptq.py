@@ -63,16 +63,16 @@ def rows_for(model: str) -> list[Row]:
             steps={"seq_mse": True, "adaround": True}),
         Row("w4a8-bc", "W4A8 pc  bias correction (empirical)",
             steps={"bias_correction": {"mode": "empirical"}}),
-        Row("w4a8-adaround-fit", "W4A8 pc  AdaRound + bias refit",
-            steps={"adaround": {"fit_bias": True}}),
+        Row("w4a8-adaround-nofit", "W4A8 pc  AdaRound without the bias refit",
+            steps={"adaround": {"fit_bias": False}}),
     ]
     if model == "ppocr-rec":
         split = ("fold-bn", "split-identity")
         rows += [
             Row("w4a8-split-adaround", "W4A8 pc  split-identity + AdaRound", passes=split,
                 steps={"adaround": True}),
-            Row("w4a8-split-adaround-fit", "W4A8 pc  split-identity + AdaRound + bias refit",
-                passes=split, steps={"adaround": {"fit_bias": True}}),
+            Row("w4a8-split-adaround-nofit", "W4A8 pc  split-identity + AdaRound without the bias refit",
+                passes=split, steps={"adaround": {"fit_bias": False}}),
         ]
     if model in ("effnet-lite0-bn", "ppocr-rec"):
         rows += [

@@ -211,7 +211,23 @@ def fit(
 
     ``teacher``: an ``onnx_ir.Model`` (default: the simulation's FP32 model) or a function
     ``feeds → outputs``. ``callback(epoch, log)`` may return extra numbers to log (e.g. accuracy).
+    The student trains on ``config.device`` and is back on the CPU when this returns or raises.
     """
+    try:
+        return _fit(qat, data, labels, config, teacher=teacher, callback=callback)
+    finally:  # back on the CPU even when training stops with an error (export, inspection)
+        qat.to("cpu")
+
+
+def _fit(
+    qat: Any,
+    data: Any,
+    labels: np.ndarray | None = None,
+    config: TrainConfig = TrainConfig(),
+    *,
+    teacher: Any = None,
+    callback: Callable[[int, dict[str, float]], dict[str, float] | None] | None = None,
+) -> list[dict[str, float]]:
     reference = qat.sim.fp32_model if hasattr(qat, "sim") else qat.model
     what = "QAT" if hasattr(qat, "sim") else "fine-tune"
     n_outputs = getattr(qat, "n_outputs", None) or 1_000_000
@@ -356,7 +372,6 @@ def fit(
     if best is not None:
         qat.load_state_dict(best[2])
         log.info("%s: kept the weights of epoch %d (validation loss %.4g)", what, best[1], best[0])
-    qat.to("cpu")
     qat.eval()
     return history
 
