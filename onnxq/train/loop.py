@@ -214,20 +214,13 @@ def fit(
     The student trains on ``config.device`` and is back on the CPU when this returns or raises.
     """
     try:
-        return _fit(qat, data, labels, config, teacher=teacher, callback=callback)
+        return _fit(qat, data, labels, config, teacher, callback)
     finally:  # back on the CPU even when training stops with an error (export, inspection)
         qat.to("cpu")
 
 
-def _fit(
-    qat: Any,
-    data: Any,
-    labels: np.ndarray | None = None,
-    config: TrainConfig = TrainConfig(),
-    *,
-    teacher: Any = None,
-    callback: Callable[[int, dict[str, float]], dict[str, float] | None] | None = None,
-) -> list[dict[str, float]]:
+def _fit(qat: Any, data: Any, labels: np.ndarray | None, config: TrainConfig, teacher: Any,
+         callback: Callable[[int, dict[str, float]], dict[str, float] | None] | None) -> list[dict[str, float]]:
     reference = qat.sim.fp32_model if hasattr(qat, "sim") else qat.model
     what = "QAT" if hasattr(qat, "sim") else "fine-tune"
     n_outputs = getattr(qat, "n_outputs", None) or 1_000_000
