@@ -64,6 +64,16 @@ def test_qat_command_with_wrong_data_fails_in_one_line(files, capsys, tmp_path) 
     assert not out.exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this torch sees a CUDA GPU")
+def test_qat_command_on_a_missing_gpu_fails_in_one_line_and_writes_nothing(files, capsys) -> None:
+    model, data, _, out = files
+    code = main(["qat", str(model), "--data", str(data), "--device", "cuda", "-o", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err.startswith("onnxq: error:") and "\n" not in err
+    assert "'cuda'" in err and "no CUDA GPU" in err
+    assert not out.exists()
+
+
 def test_held_out_samples_stay_out_of_calibration(files, monkeypatch) -> None:
     from onnxq.train import TrainConfig, run_qat
     from onnxq.train.loop import validation_split
