@@ -466,6 +466,19 @@ class _Reader:
         self.index, self.stop = start_index, min(end_index, len(self.batches))
 
 
+def _in_scratch_dir(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` in a fresh temporary working directory: onnxruntime's ``quant_pre_process``
+    and ``quantize_static`` leave files in the current one (``sym_shape_infer_temp.onnx``,
+    uuid-named external data of up to 90 MB per call)."""
+    here = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="onnxq-bench-ort-") as scratch:
+        os.chdir(scratch)
+        try:
+            return fn(*args)
+        finally:
+            os.chdir(here)
+
+
 def _quantize_ort(row: Row, batches: list, work: Path, out: Path, timings: dict) -> Path:
     import onnxruntime.quantization as oq
 
@@ -554,7 +567,7 @@ def run_one(row_id: str, work: Path, out_json: Path, quick: bool, profile: bool)
     if row.tool == "onnxq":
         target = _quantize_onnxq(row, batches, work, timings)
     else:
-        target = _quantize_ort(row, batches, work, work, timings)
+        target = _in_scratch_dir(_quantize_ort, row, batches, work.resolve(), work.resolve(), timings)
     if profiler:
         profiler.disable()
     hwm = _status_bytes("VmHWM")
