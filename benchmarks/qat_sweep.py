@@ -42,10 +42,11 @@ from onnxq.quant.sim import quantize_with_encodings
 
 
 def config() -> onnxq.QuantConfig:
-    return onnxq.QuantConfig(
-        weights=onnxq.QuantSpec(bits=4, symmetric=True, per_channel=True, range_method="mse"),
-        activations=onnxq.QuantSpec(bits=8, symmetric=False),
-    )
+    """``benchmarks/qat.py``'s W4A8 config with MSE weight ranges."""
+    from benchmarks.qat import effnet_config
+
+    base = effnet_config()
+    return base.replace(weights=dataclasses.replace(base.weights, range_method="mse"))
 
 
 def make_start(out: Path) -> None:
@@ -93,8 +94,8 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
 
 def sweep(start: Path, data: Path | None, grid: list[dict], budget: float, device: str) -> list[dict]:
     import onnx_ir as ir
-    import onnxruntime as ort
 
+    from benchmarks.datasets import predictions
     from onnxq.train import TrainConfig, fit, prepare
 
     images, labels = load_data(data)
@@ -103,14 +104,10 @@ def sweep(start: Path, data: Path | None, grid: list[dict], budget: float, devic
     sim = quantize_with_encodings(onnxq.load(start / "effnet.float.onnx"), start / "effnet.encodings.json", config())
     sim = dataclasses.replace(sim, reference=fp32)
 
-    def logits(model: ir.Model) -> np.ndarray:
-        s = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
-        return np.concatenate([s.run(None, {"input": held[i:i + 64]})[0] for i in range(0, len(held), 64)])
-
-    ref = _log_softmax(logits(fp32))
+    ref = _log_softmax(predictions(fp32, held, 64))
 
     def score(model: ir.Model) -> dict[str, float]:
-        q = logits(model)
+        q = predictions(model, held, 64)
         kl = float((np.exp(ref) * (ref - _log_softmax(q))).sum(1).mean())
         return {"top1": float((q.argmax(1) == held_labels).mean()), "kl": round(kl, 4)}
 

@@ -217,7 +217,7 @@ def test_qat_on_a_gpu_matches_the_cpu_and_exports_the_same_way(sim, data, tmp_pa
         assert next(qat.parameters()).device.type == "cpu"  # back on the CPU for export
         paths = qat.export(tmp_path / device, "tiny")
         runs[device] = (qat.graph.run_numpy({"image": data})[0], run(onnxq.load(paths["qdq"]), {"image": data})[0])
-    (cpu_torch, cpu_ort), (gpu_torch, gpu_ort) = runs["cpu"], runs["cuda"]
+    (_, cpu_ort), (gpu_torch, gpu_ort) = runs["cpu"], runs["cuda"]
     assert sqnr_db(gpu_torch, gpu_ort) > 35  # the exported model is the trained one
     # the same training on another device: the same model up to float rounding of the steps
     assert (cpu_ort.argmax(1) == gpu_ort.argmax(1)).mean() >= 0.95
