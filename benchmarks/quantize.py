@@ -356,8 +356,9 @@ def measure_latencies(paths: dict[str, Path], model: str, rounds: int) -> dict[s
             out[key]["b1_rounds_ms"].append(latency_ms(path, model, 1))
             out[key]["b32_rounds_ms"].append(latency_ms(path, model, 32))
     for item in out.values():
-        item["latency_b1_ms"] = min(item["b1_rounds_ms"])
-        item["latency_b32_ms"] = min(item["b32_rounds_ms"])
+        # --rounds 0: accuracy only, no latency
+        item["latency_b1_ms"] = min(item["b1_rounds_ms"], default=None)
+        item["latency_b32_ms"] = min(item["b32_rounds_ms"], default=None)
     return out
 
 
@@ -851,9 +852,11 @@ def print_report(result: dict[str, Any]) -> None:
             ratio = f"{row['calibration_vs_fp32']:.1f}x"
             peak = f"{row['vmhwm_bytes'] / 2**20:.0f}"
             dpeak = f"{(row['vmhwm_bytes'] - row['rss_before_bytes']) / 2**20:.0f}"
+        b1, b32 = row.get("latency_b1_ms"), row.get("latency_b32_ms")
+        b1 = "-" if b1 is None else f"{b1:.2f}"
+        b32 = "-" if b32 is None else f"{b32:.1f}"
         print(f"  {row['label']:<38} {value:6.4f} {delta:+6.1f} {agree:>5} {quant:>7} {calib:>7}"
-              f" {ratio:>8} {peak:>8} {dpeak:>6} {row['latency_b1_ms']:7.2f}"
-              f" {row['latency_b32_ms']:8.1f}")
+              f" {ratio:>8} {peak:>8} {dpeak:>6} {b1:>7} {b32:>8}")
     timing = result.get("calibration_timing")
     if timing:
         _print_timing(timing)

@@ -174,16 +174,29 @@ class Observer:
         self.batch_min: list[float] = []
         self.batch_max: list[float] = []
         self._bmin, self._bmax = math.inf, -math.inf
+        self._pieces = 0
+        self._recorded = False
 
     # -- accumulation ---------------------------------------------------------------------------
-    def update(self, x: np.ndarray) -> None:
-        """Add one batch (any shape; NaN / ±Inf values are counted and left out)."""
+    def update(self, x: np.ndarray, *, continues: bool = False, sample: int | None = -1) -> None:
+        """Add one batch (any shape; NaN / ±Inf values are counted and left out).
+
+        ``continues=True``: ``x`` is another piece of the batch given to the previous call (a
+        batch run in pieces): the number of batches and the per-batch extremes that
+        ``batch-median`` reads stay those of whole batches. ``sample``: the histogram sample
+        for this call instead of :attr:`sample` (a piece of a batch takes its share of it).
+        """
         x = np.asarray(x)
         if x.dtype.kind not in "fiu":
             raise TypeError(f"{self._label()}: cannot observe values of dtype {x.dtype}")
         if self.axis is not None:
             self._channel_axis(x)  # validate before any state changes
-        self.batches += 1
+        if not (continues and self.batches):
+            self.batches += 1
+            self._pieces = 0
+            self._bmin, self._bmax = math.inf, -math.inf
+            self._recorded = False  # this batch has no entry in batch_min / batch_max yet
+        self._pieces += 1
         if x.size == 0:
             return
         flat = x.reshape(-1)
@@ -193,16 +206,20 @@ class Observer:
                 self._grow(float(mn), float(mx))  # the first batch's range, not its first chunk's
         nonfinite = 0
         counts = np.zeros(self.bins + 2, np.int64) if self.histogram else None
-        step = _stride(flat.size, self.sample) if self.histogram else 1
-        phase = (self.batches * 7919) % step  # a different offset each batch (deterministic)
-        self._bmin, self._bmax = math.inf, -math.inf
+        step = _stride(flat.size, self.sample if sample == -1 else sample) if self.histogram else 1
+        # a different offset each batch and piece (deterministic)
+        phase = (self.batches * 7919 + (self._pieces - 1) * 104729) % step
         for start in range(0, flat.size, _CHUNK):
             nonfinite += self._chunk(
                 flat[start : start + _CHUNK], counts, step, (phase - start) % step
             )
         if self._bmin <= self._bmax:  # the batch had finite values
-            self.batch_min.append(self._bmin)
-            self.batch_max.append(self._bmax)
+            if self._recorded:
+                self.batch_min[-1], self.batch_max[-1] = self._bmin, self._bmax
+            else:
+                self.batch_min.append(self._bmin)
+                self.batch_max.append(self._bmax)
+                self._recorded = True
         if counts is not None:
             self._flush(counts)
         if self.axis is not None:

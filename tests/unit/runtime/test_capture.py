@@ -166,3 +166,117 @@ g (float[N,6] x) => (float[N,6] y) { y = Log(x) }""")
     assert obs.nonfinite == 2 and obs.count == finite.size and obs.batches == 3
     assert obs.min == pytest.approx(finite.min(), rel=1e-6)
     assert obs.max == pytest.approx(finite.max(), rel=1e-6)
+
+
+# -- batches run in pieces -------------------------------------------------------------------------
+def _big_batches(n: int = 3, rows: int = 8) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(1)
+    return [{"x": rng.standard_normal((rows, 3, 8, 8)).astype(np.float32) * (i + 1)}
+            for i in range(n)]
+
+
+def test_pieces_give_the_statistics_of_whole_batches():
+    model = model_from_text(CONV_RELU)
+    batches = _big_batches()
+    whole = collect_statistics(model, ["c", "y"], batches, per_channel_axes={"c": 1},
+                               piece_mb=None, sample=None)
+    # c and y: 2 kB observed per sample; a 2 kB budget runs pieces of one sample
+    pieces = collect_statistics(model, ["c", "y"], batches, per_channel_axes={"c": 1},
+                                piece_mb=2048 / 2**20, sample=None)
+    for name in ("c", "y"):
+        a, b = whole[name], pieces[name]
+        assert (a.min, a.max, a.count, a.batches) == (b.min, b.max, b.count, b.batches)
+        assert a.batch_min == b.batch_min and a.batch_max == b.batch_max  # per whole batch
+        ref = _by_hand(model, name, batches)
+        hist, _ = np.histogram(ref.astype(np.float64), bins=b.edges)
+        # runs of one sample round a little differently from runs of eight (~1e-7 relative):
+        # a few values near a bin edge change bins
+        assert np.abs(hist - b.hist).sum() <= 0.002 * b.count
+    np.testing.assert_array_equal(whole["c"].channel_max, pieces["c"].channel_max)
+
+
+def test_a_piece_takes_its_share_of_the_histogram_sample(monkeypatch):
+    from onnxq.quant.observers import Observer
+
+    calls = []
+    update = Observer.update
+
+    def spy(self, x, **options):
+        calls.append((x.shape[0], options))
+        return update(self, x, **options)
+
+    monkeypatch.setattr(Observer, "update", spy)
+    model = model_from_text(CONV_RELU)
+    stats = collect_statistics(model, ["c"], _big_batches(n=2, rows=8), piece_mb=1024 / 2**20,
+                               sample=512)  # c: 1 kB per sample, so pieces of one sample
+    assert len(calls) == 16 and all(rows == 1 for rows, _ in calls)
+    assert [o["continues"] for _, o in calls] == ([False] + [True] * 7) * 2
+    assert all(o["sample"] == 512 // 8 for _, o in calls)
+    obs = stats["c"]
+    assert obs.batches == 2 and obs.count == 2 * 8 * 256
+    assert abs(int(obs.hist.sum()) - obs.count) <= 0.1 * obs.count
+
+
+MIXES_SAMPLES = """<ir_version: 8, opset_import: ["" : 18]>
+g (float[N,4] x) => (float[N,4] y) {
+  axes = Constant<value = int64[1] {0}>()
+  m = ReduceMean<keepdims=1>(x, axes)
+  y = Sub(x, m)
+}"""
+
+FIXED_BATCH = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[8,3,8,8] x) => (float[8,4,8,8] y) <float[4,3,3,3] w, float[4] b> {
+  c = Conv<pads=[1,1,1,1]>(x, w, b)
+  y = Relu(c)
+}"""
+
+
+def test_a_model_that_mixes_samples_along_axis_0_runs_whole_batches():
+    model = model_from_text(MIXES_SAMPLES)
+    rng = np.random.default_rng(2)
+    batches = [{"x": rng.standard_normal((8, 4)).astype(np.float32)} for _ in range(2)]
+    stats = collect_statistics(model, ["y"], batches, piece_mb=1e-9)
+    ref = _by_hand(model, "y", batches)
+    # in pieces of one sample y would be all zeros
+    assert (stats["y"].min, stats["y"].max) == (float(ref.min()), float(ref.max()))
+    assert stats["y"].max > 0.1
+
+
+def test_a_model_with_a_fixed_batch_size_runs_whole_batches():
+    model = model_from_text(FIXED_BATCH)
+    batches = _big_batches(n=2, rows=8)
+    stats = collect_statistics(model, ["y"], batches, piece_mb=1e-9)
+    ref = _by_hand(model, "y", batches)
+    assert (stats["y"].min, stats["y"].max, stats["y"].count) == (
+        float(ref.min()), float(ref.max()), ref.size)
+
+
+MOVES_SAMPLES = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,3,8,8] x) => (float[3,N,8,8] t) <float[3,3,1,1] w> {
+  c = Conv(x, w)
+  t = Transpose<perm=[1,0,2,3]>(c)
+}"""
+
+
+def test_samples_moved_to_another_axis_still_run_in_pieces_unless_that_is_a_channel_axis(
+        monkeypatch):
+    from onnxq.quant.observers import Observer
+
+    rows = []
+    update = Observer.update
+    monkeypatch.setattr(Observer, "update",
+                        lambda self, x, **o: (rows.append(x.shape), update(self, x, **o))[1])
+    model = model_from_text(MOVES_SAMPLES)
+    batches = _big_batches(n=2, rows=8)
+    # t holds the samples on axis 1 (768 B per sample): pieces of one sample
+    stats = collect_statistics(model, ["t"], batches, piece_mb=768 / 2**20)
+    assert rows and all(shape == (3, 1, 8, 8) for shape in rows)
+    ref = _by_hand(model, "t", batches)
+    assert (stats["t"].min, stats["t"].max, stats["t"].batches) == (
+        float(ref.min()), float(ref.max()), 2)
+    rows.clear()
+    # per-channel statistics along the axis that holds the samples: whole batches
+    stats = collect_statistics(model, ["t"], batches, per_channel_axes={"t": 1},
+                               piece_mb=768 / 2**20)
+    assert rows == [(3, 8, 8, 8)] * 2
+    assert stats["t"].channel_max.shape == (8,)
