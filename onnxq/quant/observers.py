@@ -176,8 +176,18 @@ class Observer:
         self._bmin, self._bmax = math.inf, -math.inf
         self._pieces = 0
         self._recorded = False
+        self._start: tuple[float, float] | None = None
 
     # -- accumulation ---------------------------------------------------------------------------
+    def start_range(self, lo: float, hi: float) -> None:
+        """The range the histogram starts from, given before any value: e.g. the extremes of a
+        first batch that arrives in pieces, so that the histogram's bins are those the whole
+        batch would have set (a first piece alone would set narrower ones, and every growth
+        after that costs resolution). Ignored once values were observed or for non-finite
+        bounds."""
+        if self.count == 0 and math.isfinite(lo) and math.isfinite(hi) and lo <= hi:
+            self._start = (float(lo), float(hi))
+
     def update(self, x: np.ndarray, *, continues: bool = False, sample: int | None = -1) -> None:
         """Add one batch (any shape; NaN / ±Inf values are counted and left out).
 
@@ -203,6 +213,8 @@ class Observer:
         if self.histogram and self.count == 0:
             mn, mx = flat.min(), flat.max()
             if math.isfinite(mn) and math.isfinite(mx):
+                if self._start is not None:
+                    mn, mx = min(mn, self._start[0]), max(mx, self._start[1])
                 self._grow(float(mn), float(mx))  # the first batch's range, not its first chunk's
         nonfinite = 0
         counts = np.zeros(self.bins + 2, np.int64) if self.histogram else None

@@ -22,7 +22,11 @@ faster (2.2x without the sum, 2.5x with it) and is not used.
 **Pieces.** A batch whose observed tensors would take more than ``piece_mb`` (256 MB) per run
 is run in pieces of fewer samples along its first axis, when that axis is a batch axis (checked
 once, on two samples: see :class:`_Pieces`); the observers still count whole batches (what
-``batch-median`` reads) and each piece takes its share of the histogram sample. Measured on this
+``batch-median`` reads) and each piece takes its share of the histogram sample; when histograms
+are kept, the first batch's pieces run once more beforehand (min / max only) so that every
+histogram starts on the whole first batch's range, as it would unpieced (started on a first
+piece's narrower range, it grows more and keeps fewer bins on the data: PP-OCR rec's entropy
+ranges moved by up to 40 % and its CER went from 0.63 % to 3.5 %). Measured on this
 project's 2-core machine, peak resident memory of the statistics pass: EfficientNet-Lite0 (8
 batches of 32, 26.5 MB observed per image) 2378 → 889 MiB, PP-OCR rec (25 batches of 6 lines,
 106 MB per line) 4332 → 2102 MiB, at the same or slightly better speed (min / max on
@@ -44,6 +48,7 @@ from __future__ import annotations
 __all__ = ["collect_statistics"]
 
 import logging
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -192,6 +197,8 @@ def _stream(
                 _observe(observers[name], feeds[name])
         if graph.names:
             pieces = graph.pieces.split(feeds)
+            if batches == 0 and len(pieces) > 1:
+                _start_ranges(graph, pieces, observers, index)
             for part, piece in enumerate(pieces):
                 outputs = graph.run(piece, index)
                 _observe_outputs(
@@ -204,6 +211,36 @@ def _stream(
         if progress is not None:
             progress(1)
     return batches
+
+
+def _start_ranges(
+    graph: _CalibrationGraph,
+    pieces: list[Mapping[str, np.ndarray]],
+    observers: Mapping[str, Observer],
+    index: int,
+) -> None:
+    """Start each histogram at the first batch's finite extremes (one extra run of the first
+    batch's pieces, min / max only), as a whole first batch would (Observer.start_range)."""
+    wanted = [i for i, name in enumerate(graph.names) if observers[name].histogram]
+    if not wanted:
+        return
+    lo = np.full(len(graph.names), np.inf)
+    hi = np.full(len(graph.names), -np.inf)
+    for piece in pieces:
+        outputs = graph.run(piece, index)
+        for i in wanted:
+            x = outputs[i]
+            if x.size == 0 or x.dtype.kind != "f":
+                continue
+            mn, mx = float(x.min()), float(x.max())
+            if not (math.isfinite(mn) and math.isfinite(mx)):
+                finite = x[np.isfinite(x)]
+                if finite.size == 0:
+                    continue
+                mn, mx = float(finite.min()), float(finite.max())
+            lo[i], hi[i] = min(lo[i], mn), max(hi[i], mx)
+    for i in wanted:
+        observers[graph.names[i]].start_range(lo[i], hi[i])
 
 
 def _observe_outputs(

@@ -280,3 +280,13 @@ def test_samples_moved_to_another_axis_still_run_in_pieces_unless_that_is_a_chan
                                piece_mb=768 / 2**20)
     assert rows == [(3, 8, 8, 8)] * 2
     assert stats["t"].channel_max.shape == (8,)
+
+
+def test_a_first_batch_in_pieces_starts_the_histogram_on_the_whole_batch_range():
+    model = model_from_text(CONV_RELU)
+    batches = _big_batches(n=1, rows=8)
+    whole = collect_statistics(model, ["c"], batches, piece_mb=None, sample=None)["c"]
+    pieces = collect_statistics(model, ["c"], batches, piece_mb=1024 / 2**20, sample=None)["c"]
+    # without the start range, the first piece (one sample) would set narrower bins
+    np.testing.assert_allclose(pieces.edges, whole.edges, rtol=1e-6)
+    assert np.abs(pieces.hist - whole.hist).sum() <= 0.002 * whole.count
