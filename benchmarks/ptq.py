@@ -66,6 +66,11 @@ def rows_for(model: str) -> list[Row]:
         Row("w4a8-adaround-nofit", "W4A8 pc  AdaRound without the bias refit",
             steps={"adaround": {"fit_bias": False}}),
     ]
+    if model == "minilm":
+        rows += [
+            Row("w4a8-adaround-wonly", "W4A8 pc  AdaRound, inputs from a weights-only model",
+                steps={"adaround": {"act_quant": False}}),
+        ]
     if model == "ppocr-rec":
         split = ("fold-bn", "split-identity")
         rows += [
