@@ -46,8 +46,8 @@ Models and data:
   onnxruntime then refuses to load. Its ``quant_pre_process`` folds the 6 BatchNorms.
 * ``minilm``: calibration on both sides of 64 WordNet pairs (``wordnet_gloss_pairs(64, seed=1)``:
   64 lemmas, the queries, then their 64 definitions, the documents; 8 batches of 16), R@1 on
-  ``wordnet_gloss_pairs()`` (2000 pairs, seed 0). (Until 2026-11-26 the definitions alone: with
-  them, every data-driven W4A8 algorithm made R@1 worse than nearest rounding.)
+  ``wordnet_gloss_pairs()`` (2000 pairs, seed 0). (Until 2026-11-26 the definitions alone, none
+  of the queries' kind of text.)
 
 ``quant_pre_process`` is called with its defaults; where onnxruntime's symbolic shape inference
 gives up ("Incomplete symbolic shape inference": PP-OCR rec, MiniLM) it is retried with
