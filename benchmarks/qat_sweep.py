@@ -19,8 +19,9 @@ inputs can travel as files:
 * ``--start DIR --data FILE.npz --grid JSON`` (there): the sweep, one JSON line per setting.
 
 A grid entry holds :class:`onnxq.train.TrainConfig` fields (defaults here: batch 16, lr 5e-5,
-range lr 5e-3, shift 0.06, as ``benchmarks/qat.py``) plus ``learn_ranges`` (default true) and
-``labels`` (default false: distillation only). ``--budget`` seconds: later settings are skipped.
+range lr 5e-3, shift 0.06, as ``benchmarks/qat.py``) plus ``learn_ranges`` (default true),
+``labels`` (default false: distillation only), ``features`` / ``feature_weight`` (feature
+distillation, :func:`onnxq.train.prepare`) and ``only`` (``"bias"``: train the biases alone). ``--budget`` seconds: later settings are skipped.
 """
 
 from __future__ import annotations
@@ -123,11 +124,21 @@ def sweep(start: Path, data: Path | None, grid: list[dict], budget: float, devic
         spec = dict(entry)
         learn = spec.pop("learn_ranges", True)
         use_labels = spec.pop("labels", False)
+        features = spec.pop("features", False)
+        feature_weight = spec.pop("feature_weight", 1.0)
+        only = spec.pop("only", "all")
         t0 = time.time()
-        qat = prepare(sim, learn_ranges=learn)
+        qat = prepare(sim, learn_ranges=learn, features=features, feature_weight=feature_weight)
+        if only == "bias":  # biases (1-D parameters) only, the weights stay as PTQ left them
+            biases = [p for p in qat.weight_parameters() if p.dim() == 1]
+            for p in qat.weight_parameters():
+                p.requires_grad_(p.dim() == 1)
+            qat.weight_parameters = lambda biases=biases: biases
         tc = TrainConfig(**{"batch_size": 16, "lr": 5e-5, "range_lr": 5e-3, "shift": 0.06, "progress": False,
                             "device": device, **spec})
         hist = fit(qat, {"input": calib}, labels[:256] if use_labels else None, tc)
+        spec.update({"features": features, "feature_weight": feature_weight} if features else {})
+        spec.update({"only": only} if only != "all" else {})
         rows.append({"row": "qat", "spec": spec, "learn": learn, "labels": use_labels, **score(qat.to_sim().model),
                      "s": round(time.time() - t0, 1), "loss": round(hist[-1]["loss"], 4)})
         print(json.dumps(rows[-1]), flush=True)

@@ -178,6 +178,9 @@ def _parser() -> argparse.ArgumentParser:
     qat.add_argument("--adaround", action="store_true", help="start from AdaRound's rounding")
     qat.add_argument("--fixed-ranges", action="store_true",
                      help="keep the calibrated ranges (default: learn them too)")
+    qat.add_argument("--features", type=float, default=0.0, metavar="WEIGHT",
+                     help="also distill every Conv/Gemm/MatMul output (normalized MSE), with this "
+                     "weight beside the loss on the outputs (default 0: outputs only)")
     qat.add_argument("--calib-limit", type=int, default=256, help="samples used to calibrate")
     qat.add_argument("--epochs", type=int, default=1)
     qat.add_argument("--batch-size", type=int, default=32)
@@ -487,6 +490,7 @@ def _cmd_qat(args: argparse.Namespace) -> int:
     result = run_qat(args.model, _calibration_data(args), args.output, labels=labels,
                      config=_quant_config(args), passes=args.passes, adaround=args.adaround or None,
                      learn_ranges=not args.fixed_ranges, train=train,
+                     features=args.features > 0, feature_weight=args.features,
                      calibration_limit=args.calib_limit)
     last = result["history"][-1] if result["history"] else {}
     print(f"trained {args.model}: {len(result['history'])} epoch(s), final loss "

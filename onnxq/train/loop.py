@@ -232,6 +232,8 @@ def _fit(qat: Any, data: Any, labels: np.ndarray | None, config: TrainConfig, te
         labels = np.asarray(labels).astype(np.int64).reshape(-1)
         if len(labels) != n:
             raise ConfigError(f"{len(labels)} labels for {n} samples")
+    if teacher is None and getattr(qat, "anchors", None) and hasattr(qat, "sim"):
+        teacher = _with_outputs(reference, qat.anchors)  # QAT with feature distillation
     run_teacher = teacher if callable(teacher) else _teacher(teacher or reference)
     device = resolve_device(config.device)
     qat.to(device)
@@ -520,12 +522,15 @@ def run_qat(
     learn_ranges: bool = True,
     train: TrainConfig = TrainConfig(),
     calibration_limit: int | None = 256,
+    features: bool | Sequence[str] = False,
+    feature_weight: float = 1.0,
 ) -> dict[str, Any]:
     """File to file: quantize ``model`` (calibrating on the first ``calibration_limit`` samples
     of ``data``, optionally with AdaRound), prepare, train by distillation, export to ``out_dir``.
 
     Nothing is written to ``out_dir`` unless training finished (checkpoints go to
-    ``train.checkpoint_dir``). Returns ``{"paths": …, "history": …}``.
+    ``train.checkpoint_dir``). ``features`` / ``feature_weight``: feature distillation (see
+    :func:`onnxq.train.prepare`). Returns ``{"paths": …, "history": …}``.
     """
     import onnxq
     from onnxq.train.qat import prepare
@@ -538,7 +543,7 @@ def run_qat(
     first = usable[:min(len(usable), calibration_limit or len(usable))]
     calib = [{name: v[first[i:i + 32]] for name, v in arrays.items()} for i in range(0, len(first), 32)]
     sim = onnxq.quantize(float_model, calib, config=config, passes=passes, adaround=adaround)
-    module = prepare(sim, learn_ranges=learn_ranges)
+    module = prepare(sim, learn_ranges=learn_ranges, features=features, feature_weight=feature_weight)
     history = fit(module, arrays, labels, train)
     paths = module.export(out_dir, Path(str(model)).stem if isinstance(model, (str, os.PathLike)) else "model")
     return {"paths": paths, "history": history, "sim": sim}

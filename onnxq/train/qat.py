@@ -19,11 +19,12 @@ exported QDQ model computes what the module computed (Q/DQ bit for bit).
 
 from __future__ import annotations
 
-__all__ = ["QatModel", "prepare"]
+__all__ = ["QatModel", "feature_anchors", "prepare"]
 
 import dataclasses
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
-from onnxq.errors import UnsupportedModelError
+from onnxq.errors import ConfigError, UnsupportedModelError
 from onnxq.quant.insert_qdq import Encoding
 from onnxq.quant.sim import QuantSim
 from onnxq.train import fake_quant as fq
@@ -61,7 +62,10 @@ def _int_tensor(codes: np.ndarray, dtype: ir.DataType, name: str) -> ir.Tensor:
 class QatModel(nn.Module):
     """The QDQ model of ``sim`` as a torch module (see the module docstring)."""
 
-    def __init__(self, sim: QuantSim, learn_ranges: bool = True) -> None:
+    def __init__(self, sim: QuantSim, learn_ranges: bool = True, features: Sequence[str] = (),
+                 feature_weight: float = 1.0) -> None:
+        from onnxq.train.loop import _with_outputs
+
         super().__init__()
         n_q = sum(1 for n in sim.model.graph if n.op_type in ("QuantizeLinear", "DequantizeLinear"))
         if n_q == 0:
@@ -71,7 +75,12 @@ class QatModel(nn.Module):
             )
         self.sim = sim
         self.learn_ranges = learn_ranges
-        self.graph = GraphModule(sim.model, _float_weights(sim.float_model))
+        #: intermediate tensors returned after the outputs (feature distillation, see :func:`prepare`)
+        self.anchors = list(features)
+        self.n_outputs = len(sim.model.graph.outputs)
+        self.feature_weight = feature_weight
+        model = _with_outputs(sim.model, self.anchors) if self.anchors else sim.model
+        self.graph = GraphModule(model, _float_weights(sim.float_model))
         frozen = {e.name for e in sim.encodings if e.frozen}
         for key, q in self.graph.quantizers.items():
             if q.name in frozen:
@@ -197,14 +206,46 @@ class QatModel(nn.Module):
         return self.to_sim().export(out_dir, name)
 
 
-def prepare(sim: QuantSim, learn_ranges: bool = True) -> QatModel:
+def feature_anchors(sim: QuantSim, ops: tuple[str, ...] = ("Conv", "Gemm", "MatMul")) -> list[str]:
+    """Outputs of ``ops`` nodes in ``sim.model`` that the FP32 reference computes under the same
+    name and shape (the layer outputs before their activation and quantizer): the tensors
+    ``prepare(sim, features=True)`` distills on."""
+    def outputs(model: ir.Model) -> dict[str, ir.Value]:
+        return {v.name: v for node in model.graph if node.op_type in ops for v in node.outputs if v.name}
+
+    mine, theirs = outputs(sim.model), outputs(sim.fp32_model)
+    graph_outputs = {v.name for v in sim.model.graph.outputs}
+    names = []
+    for name, v in mine.items():
+        other = theirs.get(name)
+        if other is None or name in graph_outputs:
+            continue
+        if v.shape is not None and other.shape is not None and list(v.shape) != list(other.shape):
+            continue
+        names.append(name)
+    return names
+
+
+def prepare(sim: QuantSim, learn_ranges: bool = True, *, features: bool | Sequence[str] = False,
+            feature_weight: float = 1.0) -> QatModel:
     """A trainable module over ``sim.model`` (see :class:`QatModel`).
 
     ``learn_ranges``: train the quantizers' scales and zero points too (range learning, LSQ);
-    ``False`` keeps the calibrated ranges (fixed-range QAT). Raises
+    ``False`` keeps the calibrated ranges (fixed-range QAT). ``features``: also distill
+    intermediate tensors — ``True`` for :func:`feature_anchors` (every Conv / Gemm / MatMul
+    output the FP32 model shares), or a list of names; :func:`~onnxq.train.fit` then adds
+    ``feature_weight`` times the mean of their MSEs, each divided by the teacher's variance, to
+    the loss on the outputs, so that every image constrains every layer. Raises
     :class:`~onnxq.errors.UnsupportedModelError` for a model without quantizers or with an op the
     executor cannot run (naming the node, op and opset) before anything is trained.
     """
     if not isinstance(sim, QuantSim):
         raise TypeError(f"prepare() takes the QuantSim that onnxq.quantize returns, not {type(sim).__name__}")
-    return QatModel(sim, learn_ranges)
+    anchors = feature_anchors(sim) if features is True else list(features or ())
+    if features is not True and anchors:
+        known = set(feature_anchors(sim, ops=tuple({n.op_type for n in sim.model.graph})))
+        missing = [n for n in anchors if n not in known]
+        if missing:
+            raise ConfigError(f"features {missing[:3]}: not tensors that both the QDQ model and its FP32 "
+                              "reference compute (see onnxq.train.qat.feature_anchors)")
+    return QatModel(sim, learn_ranges, anchors, feature_weight)

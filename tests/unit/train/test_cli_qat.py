@@ -94,3 +94,17 @@ def test_held_out_samples_stay_out_of_calibration(files, monkeypatch) -> None:
     calibrated = np.concatenate(seen)
     np.testing.assert_array_equal(calibrated, arrays[keep])
     assert not any(np.array_equal(arrays[i], c) for i in held for c in calibrated)
+
+
+def test_features_flag_adds_the_layer_outputs_to_the_loss(files, capsys) -> None:
+    model, data, _, out = files
+
+    def first_loss(*extra: str) -> float:  # lr 0: the logged loss is the loss of the start
+        target = out.parent / f"out{len(extra)}"
+        code = main(["qat", str(model), "--data", str(data), "--epochs", "1", "--batch-size", "16",
+                     "--lr", "0", "--range-lr", "0", "--no-augment", "-o", str(target), *extra])
+        assert code == 0, capsys.readouterr().err
+        assert [v.name for v in onnxq.load(target / "tiny.qdq.onnx").graph.outputs] == ["logits"]
+        return torch.load(target / "checkpoints" / "last.pt", weights_only=False)["history"][0]["loss"]
+
+    assert first_loss("--features", "2") > first_loss() > 0

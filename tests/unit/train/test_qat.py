@@ -170,6 +170,31 @@ def test_validation_keeps_the_weights_of_the_best_epoch(sim, data, monkeypatch) 
         TrainConfig(validation=1.0)
 
 
+def test_feature_distillation_adds_the_layer_outputs_to_the_loss(sim, data, tmp_path) -> None:
+    from onnxq.train.loop import _with_outputs
+
+    qat = prepare(sim, features=True)
+    assert qat.anchors == ["c1", "c2"] and qat.n_outputs == 1
+    out = qat.graph.run_numpy({"image": data[:8]})
+    want = run(_with_outputs(sim.model, ["c1", "c2"]), {"image": data[:8]})
+    assert len(out) == 3 and all(sqnr_db(w, g) > 40 for w, g in zip(want, out))
+
+    def first_loss(weight: float) -> float:  # lr 0: the logged loss is the loss at the start
+        q = prepare(sim, features=["c2"], feature_weight=weight)
+        cfg = TrainConfig(epochs=1, batch_size=32, lr=0.0, range_lr=0.0, seed=3, progress=False)
+        return fit(q, {"image": data}, None, cfg)[0]["loss"]
+
+    base, one, two = first_loss(0.0), first_loss(1.0), first_loss(2.0)
+    assert one > base and two - base == pytest.approx(2 * (one - base), rel=1e-4)
+    cfg = TrainConfig(epochs=2, batch_size=16, lr=1e-2, seed=0, progress=False)
+    fit(qat, {"image": data}, None, cfg)
+    exported = onnxq.load(qat.export(tmp_path, "feat")["qdq"])
+    assert [v.name for v in exported.graph.outputs] == ["logits"]
+    assert sqnr_db(qat.graph.run_numpy({"image": data})[0], run(exported, {"image": data})[0]) > 40
+    with pytest.raises(ConfigError, match="features"):
+        prepare(sim, features=["nowhere"])
+
+
 def test_labels_and_wrong_data_are_checked(sim, data) -> None:
     qat = prepare(sim)
     with pytest.raises(ConfigError):
