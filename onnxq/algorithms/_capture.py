@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-__all__ = ["RowStore", "Sample", "materialize", "capture_targets", "input_session", "capture_inputs"]
+__all__ = ["RowStore", "Sample", "capture_inputs", "capture_targets", "find_row_mask", "input_session", "materialize"]
 
 import dataclasses
 import logging
@@ -138,9 +138,14 @@ def capture_targets(
     store: RowStore,
     seed: int,
     progress: Callable[[int], Any] | None = None,
+    row_mask: str | None = None,
 ) -> dict[str, Sample]:
     """Sample each layer's output positions; store ``f(y)`` there (the float output after the
-    layer's activation) as ``<name>/target``."""
+    layer's activation) as ``<name>/target``.
+
+    ``row_mask``: a model input (``[N, L]``, e.g. ``attention_mask``) whose zeros mark positions
+    that are not data (padding): the rows of a MatMul layer with output ``[N, L, C]`` are drawn
+    only where it is non-zero."""
     names = list(dict.fromkeys(layer.output.name for layer in layers))
     session = create_session(_exposed(float_model, names), optimize=True)
     out_names = [o.name for o in session.get_outputs()]
@@ -149,10 +154,12 @@ def capture_targets(
     per_batch = max(1, -(-rows_per_layer // len(batches)))
     for b, feeds in enumerate(batches):
         outs = dict(zip(out_names, session.run(out_names, feeds)))
+        mask = feeds.get(row_mask) if row_mask else None
         for i, layer in enumerate(layers):
             y = outs[layer.output.name]
             rng = np.random.default_rng([seed, i, b])
-            pos = layer.positions(y.shape, per_batch, rng)
+            valid = layer.valid_positions(y.shape, mask) if mask is not None else None
+            pos = layer.positions(y.shape, per_batch, rng, valid)
             samples[layer.name].positions.append(pos)
             samples[layer.name].out_shapes.append(tuple(y.shape))
             # the target is the layer's output after its activation, as the float model computes it
@@ -163,6 +170,25 @@ def capture_targets(
     for layer in layers:
         store.put(f"{layer.name}/target", np.concatenate(chunks.pop(layer.name)))
     return samples
+
+
+def find_row_mask(model: ir.Model, setting: str | None) -> str | None:
+    """The input that marks padding for ``capture_targets(row_mask=...)``: ``setting`` itself
+    when it names an input; for ``"auto"``, the one integer or boolean input of rank 2 whose name
+    contains ``mask`` (``attention_mask``, ``input_mask``), if there is exactly one."""
+    from onnxq.errors import ConfigError
+
+    if setting is None:
+        return None
+    names = [v.name for v in model.graph.inputs]
+    if setting != "auto":
+        if setting not in names:
+            raise ConfigError(f"row_mask '{setting}' is not an input of the model (inputs: {names})")
+        return setting
+    found = [v.name for v in model.graph.inputs
+             if "mask" in (v.name or "").lower() and v.shape is not None and len(v.shape) == 2
+             and v.dtype is not None and not v.dtype.is_floating_point()]
+    return found[0] if len(found) == 1 else None
 
 
 def input_session(model: ir.Model, value_name: str) -> Any:

@@ -29,7 +29,14 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.algorithms._capture import RowStore, capture_inputs, capture_targets, input_session, materialize
+from onnxq.algorithms._capture import (
+    RowStore,
+    capture_inputs,
+    capture_targets,
+    find_row_mask,
+    input_session,
+    materialize,
+)
 from onnxq.algorithms._layers import Layer, find_layers, quantized_layer_map
 from onnxq.passes._graph import constant, is_op, set_constant
 from onnxq.quant.insert_qdq import Encoding, _int_tensor
@@ -209,8 +216,12 @@ def optimize_layers(
     layers: Any = None,
     exclude: Any = (),
     progress: Callable[[str, int, int], Any] | None = None,
+    row_mask: str | None = None,
 ) -> Any:
-    """Run ``solve`` on every eligible layer of ``sim`` in order; returns a new QuantSim."""
+    """Run ``solve`` on every eligible layer of ``sim`` in order; returns a new QuantSim.
+
+    ``row_mask``: see :func:`~onnxq.algorithms._capture.find_row_mask` (``"auto"``, an input
+    name, or ``None``): MatMul rows are sampled only at the positions it marks as data."""
     from onnxq.quant.sim import rebuild
 
     t0 = time.perf_counter()
@@ -241,7 +252,11 @@ def optimize_layers(
     new_weights: dict[str, np.ndarray] = {}
     new_biases: dict[str, np.ndarray] = {}
     with RowStore(int(memory_budget_mb * 2**20)) as store:
-        samples = capture_targets(sim.fp32_model, chosen, batches, rows_per_layer, store, seed)
+        mask = find_row_mask(sim.fp32_model, row_mask)
+        if mask is not None:
+            log.info("%s: MatMul rows are sampled where the input '%s' is non-zero (not padding)", what, mask)
+        samples = capture_targets(sim.fp32_model, chosen, batches, rows_per_layer, store, seed,
+                                  row_mask=mask)
         log.info("%s: targets of %d layers captured in %.1f s", what, len(chosen), time.perf_counter() - t0)
         for index, layer in enumerate(chosen):
             t1 = time.perf_counter()

@@ -201,12 +201,27 @@ class Layer:
         return self.weight_layer.bias().astype(np.float32)
 
     # -- rows -----------------------------------------------------------------------------
-    def positions(self, out_shape: tuple[int, ...], count: int, rng: np.random.Generator) -> np.ndarray:
-        """``count`` distinct output positions (flat indices over all but the channel axis)."""
-        total = self.n_positions(out_shape)
-        if count >= total:
-            return np.arange(total)
-        return np.sort(rng.choice(total, size=count, replace=False))
+    def positions(self, out_shape: tuple[int, ...], count: int, rng: np.random.Generator,
+                  valid: np.ndarray | None = None) -> np.ndarray:
+        """``count`` distinct output positions (flat indices over all but the channel axis),
+        drawn among the flat indices ``valid`` when given (e.g. the tokens that are not padding)."""
+        if valid is None:
+            valid_count = self.n_positions(out_shape)
+            if count >= valid_count:
+                return np.arange(valid_count)
+            return np.sort(rng.choice(valid_count, size=count, replace=False))
+        if count >= len(valid):
+            return np.asarray(valid, np.int64)
+        return np.sort(np.asarray(valid, np.int64)[rng.choice(len(valid), size=count, replace=False)])
+
+    def valid_positions(self, out_shape: tuple[int, ...], mask: np.ndarray) -> np.ndarray | None:
+        """The flat output positions whose leading indices ``mask`` (e.g. an attention mask
+        ``[N, L]``) marks non-zero; ``None`` when this layer's rows are not laid out that way
+        (a Conv, or an output whose leading axes are not the mask's)."""
+        if self.op_type != "MatMul" or len(out_shape) != mask.ndim + 1 or \
+                tuple(out_shape[:-1]) != tuple(mask.shape):
+            return None
+        return np.flatnonzero(mask.reshape(-1))
 
     def n_positions(self, out_shape: tuple[int, ...]) -> int:
         if self.op_type in ("Conv", "ConvTranspose"):

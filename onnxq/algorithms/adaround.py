@@ -79,6 +79,10 @@ class AdaRoundConfig:
     seed: int = 0
     layers: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
+    #: the input whose zeros mark padding (``[N, L]``): MatMul rows ``[N, L, C]`` are sampled
+    #: only where it is non-zero. ``"auto"``: the one integer rank-2 input named ``*mask*``
+    #: (``attention_mask``), if any; ``None``: every position
+    row_mask: str | None = "auto"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -340,7 +344,7 @@ def adaround(
         sim, data, lambda job: round_layer(job, cfg), what="adaround",
         rows_per_layer=cfg.rows_per_layer, act_quant=cfg.act_quant, max_samples=cfg.max_samples,
         memory_budget_mb=cfg.memory_budget_mb, seed=cfg.seed, layers=cfg.layers,
-        exclude=cfg.exclude, progress=progress,
+        exclude=cfg.exclude, progress=progress, row_mask=cfg.row_mask,
     )
 
 

@@ -303,3 +303,43 @@ def test_adaround_keeps_the_activation_grids_its_layers_were_fitted_to():
     # the float model's biases moved (bias refit), so a recalibration would have moved some grids
     assert not np.allclose(out.float_model.graph.initializers["b2"].const_value.numpy(),
                            sim.float_model.graph.initializers["b2"].const_value.numpy())
+
+
+def test_adaround_fits_the_tokens_and_not_the_padding():
+    # a text model: padded positions (attention_mask 0) hold large values the output never
+    # uses; drawn as layer rows they would dominate the reconstruction loss
+    model = model_from_text("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,L,16] x, int64[N,L] attention_mask) => (float[N,L,8] y) <float[16,8] w> {
+            h = MatMul (x, w)
+            m = Cast <to = 1> (attention_mask)
+            axes = Constant <value = int64[1] {-1}> ()
+            m3 = Unsqueeze (m, axes)
+            y = Mul (h, m3)
+        }""", seed=3)
+    rng = np.random.default_rng(1)
+    mix = rng.standard_normal((4, 16))
+
+    def batch(n: int) -> dict[str, np.ndarray]:
+        lengths = rng.integers(3, 12, n)
+        mask = (np.arange(12)[None, :] < lengths[:, None]).astype(np.int64)
+        # the tokens span 4 directions (AdaRound can trade error into the other 12); padding does not
+        x = (rng.standard_normal((n, 12, 4)) @ mix + 0.05 * rng.standard_normal((n, 12, 16))).astype(np.float32)
+        pad = 10 * rng.standard_normal(16).astype(np.float32)
+        x[mask == 0] = pad + rng.standard_normal((int((mask == 0).sum()), 16)).astype(np.float32)
+        return {"x": x, "attention_mask": mask}
+
+    data = [batch(16) for _ in range(4)]
+    sim = onnxq.quantize(model, data, QuantConfig(weights=QuantSpec(bits=4, symmetric=True, per_channel=True),
+                                                  activations=QuantSpec(bits=16)))
+    test = batch(64)
+    keep = test["attention_mask"] == 1
+    (ref,) = onnxq.runtime.run(sim.float_model, test)
+
+    def err(row_mask):
+        out = adaround(sim, data, AdaRoundConfig(iterations=300, batch_rows=128, rows_per_layer=512,
+                                                 row_mask=row_mask))
+        (y,) = onnxq.runtime.run(out.model, test)
+        return float(np.mean((y[keep] - ref[keep]) ** 2))
+
+    assert err("auto") < 0.5 * err(None)

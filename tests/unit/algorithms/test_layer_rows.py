@@ -118,3 +118,46 @@ def test_targets_are_taken_after_the_activation():
         (y,) = run(model, feeds)
         np.testing.assert_allclose(target, layers[0].output_rows(y, samples[layers[0].name].positions[0]), atol=1e-6)
         assert target.min() >= 0
+
+
+MASKED = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N,L,4] x, int64[N,L] attention_mask) => (float[N,L,3] y) <float[4,3] w> {
+        y = MatMul (x, w)
+    }"""
+
+
+def test_rows_are_drawn_only_where_the_mask_marks_data():
+    from onnxq.algorithms._capture import RowStore, capture_targets
+
+    model = model_from_text(MASKED)
+    layers, _ = find_layers(model)
+    rng = np.random.default_rng(1)
+    mask = np.zeros((3, 10), np.int64)
+    for i, n in enumerate((10, 4, 7)):  # three texts of 10, 4 and 7 tokens, padded to 10
+        mask[i, :n] = 1
+    feeds = {"x": rng.standard_normal((3, 10, 4)).astype(np.float32), "attention_mask": mask}
+    data = set(np.flatnonzero(mask.reshape(-1)).tolist())
+    for rows, row_mask in ((15, "attention_mask"), (500, "attention_mask"), (30, None)):
+        with RowStore(2**20) as store:
+            samples = capture_targets(model, layers, [feeds], rows, store, seed=0, row_mask=row_mask)
+        pos = samples[layers[0].name].positions[0]
+        assert len(set(pos.tolist())) == len(pos)
+        if row_mask is None:
+            assert len(pos) == 30 and not set(pos.tolist()) <= data  # padding is drawn too
+        else:
+            assert set(pos.tolist()) <= data and len(pos) == min(rows, len(data))
+
+
+def test_the_padding_mask_is_found_by_name_or_named():
+    from onnxq.algorithms._capture import find_row_mask
+    from onnxq.errors import ConfigError
+
+    model = model_from_text(MASKED)
+    assert find_row_mask(model, "auto") == "attention_mask"
+    assert find_row_mask(model, None) is None
+    assert find_row_mask(model, "attention_mask") == "attention_mask"
+    with pytest.raises(ConfigError, match="not an input"):
+        find_row_mask(model, "input_mask")
+    plain = model_from_text(CASES["conv-grouped"])
+    assert find_row_mask(plain, "auto") is None
