@@ -70,6 +70,9 @@ def rows_for(model: str) -> list[Row]:
         rows += [
             Row("w4a8-adaround-wonly", "W4A8 pc  AdaRound, inputs from a weights-only model",
                 steps={"adaround": {"act_quant": False}}),
+            # 16-bit activations: the weights' rounding is the only error left
+            Row("w4a16-nearest", "W4A16 pc nearest", a_bits=16),
+            Row("w4a16-adaround", "W4A16 pc AdaRound", a_bits=16, steps={"adaround": True}),
         ]
     if model == "ppocr-rec":
         split = ("fold-bn", "split-identity")

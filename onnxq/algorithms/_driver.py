@@ -252,7 +252,10 @@ def optimize_layers(
     new_weights: dict[str, np.ndarray] = {}
     new_biases: dict[str, np.ndarray] = {}
     with RowStore(int(memory_budget_mb * 2**20)) as store:
-        mask = find_row_mask(sim.fp32_model, row_mask)
+        # weights-only fitting recalibrates the activation grids afterwards, on every position:
+        # padded positions left out of the fit drift and then set those grids (measured, MiniLM
+        # W4A8 AdaRound act_quant=False: R@1 0.300 with every position, 0.169 with the mask)
+        mask = find_row_mask(sim.fp32_model, None if row_mask == "auto" and not act_quant else row_mask)
         if mask is not None:
             log.info("%s: MatMul rows are sampled where the input '%s' is non-zero (not padding)", what, mask)
         samples = capture_targets(sim.fp32_model, chosen, batches, rows_per_layer, store, seed,

@@ -42,7 +42,9 @@ class SeqMseConfig:
     exclude: tuple[str, ...] = ()
     #: the input whose zeros mark padding (``[N, L]``): MatMul rows ``[N, L, C]`` are sampled
     #: only where it is non-zero. ``"auto"``: the one integer rank-2 input named ``*mask*``
-    #: (``attention_mask``), if any; ``None``: every position
+    #: (``attention_mask``), if any, when ``act_quant`` (a weights-only fit recalibrates the
+    #: activations on every position afterwards: unfitted padding would set their grids);
+    #: ``None``: every position
     row_mask: str | None = "auto"
 
 

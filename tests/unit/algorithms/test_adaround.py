@@ -343,3 +343,31 @@ def test_adaround_fits_the_tokens_and_not_the_padding():
         return float(np.mean((y[keep] - ref[keep]) ** 2))
 
     assert err("auto") < 0.5 * err(None)
+
+
+def test_a_weights_only_fit_samples_every_position(monkeypatch):
+    # act_quant=False recalibrates the activation grids on every position afterwards: the
+    # padding must be fitted too, so "auto" finds no mask there (a named mask is still used)
+    import onnxq.algorithms._driver as driver
+
+    model = model_from_text("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,L,8] x, int64[N,L] attention_mask) => (float[N,L,4] y) <float[8,4] w> {
+            h = MatMul (x, w)
+            m = Cast <to = 1> (attention_mask)
+            axes = Constant <value = int64[1] {-1}> ()
+            m3 = Unsqueeze (m, axes)
+            y = Mul (h, m3)
+        }""", seed=2)
+    rng = np.random.default_rng(0)
+    mask = np.ones((4, 6), np.int64)
+    mask[:, 4:] = 0
+    data = [{"x": rng.standard_normal((4, 6, 8)).astype(np.float32), "attention_mask": mask}]
+    sim = onnxq.quantize(model, data, _w4())
+    seen = []
+    real = driver.capture_targets
+    monkeypatch.setattr(driver, "capture_targets",
+                        lambda *a, row_mask=None, **k: (seen.append(row_mask), real(*a, row_mask=row_mask, **k))[1])
+    for act_quant, setting in ((True, "auto"), (False, "auto"), (False, "attention_mask")):
+        adaround(sim, data, AdaRoundConfig(iterations=20, act_quant=act_quant, row_mask=setting))
+    assert seen == ["attention_mask", None, "attention_mask"]
