@@ -15,8 +15,10 @@ batch after batch (an onnxruntime I/O binding to the arrays of the first batch):
 allocation, no page faults on hundreds of MB per batch. The session's worker threads do not spin
 between runs (``session.intra_op.allow_spinning = 0``) and the observers of one batch are updated
 by a small thread pool (numpy releases the GIL), so they share the cores. Measured on this
-project's 2-core machine (EfficientNet-Lite0, 256 images; PP-OCR rec, 150 lines), the min / max
-pass costs about 2.0-2.4x FP32 inference; computing min / max inside the graph instead
+project's 2-core machine (EfficientNet-Lite0, 256 images; PP-OCR rec, 150 lines; MiniLM, 128
+texts), the min / max pass, session build included, costs 2.0x, 2.2x and 1.7x FP32 inference
+(2.0-2.4x and 2.8x while the session was built from a clone with serialized weights, a fixed
+0.45 s that was half of MiniLM's pass); computing min / max inside the graph instead
 (ReduceMin / ReduceMax, plus a ReduceSum to see NaN, which onnxruntime's ReduceMin skips) was no
 faster (2.2x without the sum, 2.5x with it) and is not used.
 
