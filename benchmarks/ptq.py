@@ -70,6 +70,8 @@ def rows_for(model: str) -> list[Row]:
         rows += [
             Row("w4a8-adaround-wonly", "W4A8 pc  AdaRound, inputs from a weights-only model",
                 steps={"adaround": {"act_quant": False}}),
+            Row("w4a8-adaround-input", "W4A8 pc  AdaRound reconstructing W·x_q (target=input)",
+                steps={"adaround": {"target": "input"}}),
             # 16-bit activations: the weights' rounding is the only error left
             Row("w4a16-nearest", "W4A16 pc nearest", a_bits=16),
             Row("w4a16-adaround", "W4A16 pc AdaRound", a_bits=16, steps={"adaround": True}),

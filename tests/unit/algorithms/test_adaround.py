@@ -371,3 +371,20 @@ def test_a_weights_only_fit_samples_every_position(monkeypatch):
     for act_quant, setting in ((True, "auto"), (False, "auto"), (False, "attention_mask")):
         adaround(sim, data, AdaRoundConfig(iterations=20, act_quant=act_quant, row_mask=setting))
     assert seen == ["attention_mask", None, "attention_mask"]
+
+
+def test_an_input_target_ignores_the_float_models_outputs():
+    # target="input": the layer reconstructs its float weights on its own input rows, whatever
+    # the FP32 model's outputs (here replaced by noise) say
+    job = _job(seed=3)
+    ideal = dataclasses.replace(job, target=job.layer.activation(
+        np.einsum("rgk,gok->rgo", job.inputs, job.weight).reshape(len(job.inputs), -1) + job.bias))
+    noisy = dataclasses.replace(job, target=np.random.default_rng(9).standard_normal(job.target.shape)
+                                .astype(np.float32), rng=np.random.default_rng(3))
+    cfg = AdaRoundConfig(iterations=200, batch_rows=128)
+    a = round_layer(dataclasses.replace(ideal, rng=np.random.default_rng(3)), cfg)
+    b = round_layer(noisy, dataclasses.replace(cfg, target="input"))
+    np.testing.assert_array_equal(a.codes, b.codes)
+    assert not np.array_equal(round_layer(dataclasses.replace(noisy, rng=np.random.default_rng(3)), cfg).codes, a.codes)
+    with pytest.raises(onnxq.errors.ConfigError, match="target"):
+        AdaRoundConfig(target="output")
