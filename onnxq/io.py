@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Union
 
@@ -211,9 +212,10 @@ def _refuse_overwriting_input(model: ir.Model, src: Path | None, dest: Path, dat
 
 
 @contextlib.contextmanager
-def internalized(model: ir.Model):
-    """Within the block, external tensors are held in memory (restored afterwards)."""
-    swapped = _internalize(model)
+def internalized(model: ir.Model, skip: Collection[ir.Value] = ()):
+    """Within the block, external tensors are held in memory (restored afterwards), except
+    those of the values in ``skip``."""
+    swapped = _internalize(model, skip)
     try:
         yield model
     finally:
@@ -221,10 +223,13 @@ def internalized(model: ir.Model):
             value.const_value = tensor
 
 
-def _internalize(model: ir.Model) -> list[tuple[ir.Value, Any]]:
+def _internalize(model: ir.Model, skip: Collection[ir.Value] = ()) -> list[tuple[ir.Value, Any]]:
     """Swap external tensors for in-memory copies; returns what to restore afterwards."""
     swapped = []
+    kept = {id(v) for v in skip}
     for value, tensor in list(_external_tensors(model)):
+        if id(value) in kept:
+            continue
         swapped.append((value, tensor))
         value.const_value = ir.Tensor(tensor.numpy(), name=tensor.name)
     return swapped

@@ -27,7 +27,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from onnxq.io import PROTOBUF_LIMIT_BYTES, weight_bytes
+from onnxq.io import PROTOBUF_LIMIT_BYTES, internalized, weight_bytes
 
 #: initializers from this size up are shared with onnxruntime instead of serialized
 SHARED_MIN_BYTES = 1024
@@ -67,7 +67,7 @@ def session_from_model(
             )
             names.append(value.name)
             buffers.append(ort.OrtValue.ortvalue_from_numpy(array))
-        with _internalized_rest(model, {id(v) for v, _ in swapped}):
+        with internalized(model, skip=[v for v, _ in swapped]):
             data = ir.to_proto(model).SerializeToString()
     finally:
         for value, tensor in swapped:
@@ -77,25 +77,6 @@ def session_from_model(
     session = ort.InferenceSession(data, options, providers=providers)
     session._onnxq_shared = buffers  # the session reads these arrays: keep them alive with it
     return session
-
-
-class _internalized_rest:
-    """Like :func:`onnxq.io.internalized`, for the external tensors not in ``skip`` (value ids)."""
-
-    def __init__(self, model: ir.Model, skip: set[int]) -> None:
-        self.model, self.skip, self.swapped = model, skip, []
-
-    def __enter__(self) -> None:
-        for graph in self.model.graphs():
-            for value in graph.initializers.values():
-                tensor = value.const_value
-                if id(value) not in self.skip and isinstance(tensor, ir.ExternalTensor):
-                    self.swapped.append((value, tensor))
-                    value.const_value = ir.Tensor(tensor.numpy(), name=tensor.name)
-
-    def __exit__(self, *exc: object) -> None:
-        for value, tensor in self.swapped:
-            value.const_value = tensor
 
 
 def create_session(

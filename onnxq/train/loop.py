@@ -463,6 +463,26 @@ def _with_outputs(model: Any, names: Sequence[str]) -> Any:
     return work
 
 
+def same_named_outputs(student: Any, teacher: Any, ops: tuple[str, ...]) -> list[str]:
+    """Outputs of ``ops`` nodes of ``student`` that ``teacher``'s ``ops`` nodes also produce
+    (by name; not the student's graph outputs), in the student's order, with shapes that do not
+    disagree where both graphs declare them."""
+    def outputs(model: Any) -> dict[str, Any]:
+        return {v.name: v for node in model.graph if node.op_type in ops for v in node.outputs if v.name}
+
+    mine, theirs = outputs(student), outputs(teacher)
+    graph_outputs = {v.name for v in student.graph.outputs}
+    names = []
+    for name, value in mine.items():
+        other = theirs.get(name)
+        if other is None or name in graph_outputs:
+            continue
+        if value.shape is not None and other.shape is not None and list(value.shape) != list(other.shape):
+            continue
+        names.append(name)
+    return names
+
+
 def shared_features(student: Any, teacher: Any, sample: Mapping[str, np.ndarray],
                     ops: tuple[str, ...] = ("Conv", "Gemm", "MatMul", "Add")) -> list[str]:
     """Outputs of ``ops`` nodes that exist under the same name and with the same shape (on
@@ -470,12 +490,7 @@ def shared_features(student: Any, teacher: Any, sample: Mapping[str, np.ndarray]
     model can be distilled on."""
     from onnxq.runtime.session import create_session
 
-    def outputs(model: Any) -> dict[str, Any]:
-        return {v.name: v for node in model.graph if node.op_type in ops for v in node.outputs if v.name}
-
-    mine, theirs = outputs(student), outputs(teacher)
-    graph_outputs = {v.name for v in student.graph.outputs}
-    names = [n for n in mine if n in theirs and n not in graph_outputs]
+    names = same_named_outputs(student, teacher, ops)
     if not names:
         return []
     shapes = []

@@ -210,20 +210,9 @@ def feature_anchors(sim: QuantSim, ops: tuple[str, ...] = ("Conv", "Gemm", "MatM
     """Outputs of ``ops`` nodes in ``sim.model`` that the FP32 reference computes under the same
     name and shape (the layer outputs before their activation and quantizer): the tensors
     ``prepare(sim, features=True)`` distills on."""
-    def outputs(model: ir.Model) -> dict[str, ir.Value]:
-        return {v.name: v for node in model.graph if node.op_type in ops for v in node.outputs if v.name}
+    from onnxq.train.loop import same_named_outputs
 
-    mine, theirs = outputs(sim.model), outputs(sim.fp32_model)
-    graph_outputs = {v.name for v in sim.model.graph.outputs}
-    names = []
-    for name, v in mine.items():
-        other = theirs.get(name)
-        if other is None or name in graph_outputs:
-            continue
-        if v.shape is not None and other.shape is not None and list(v.shape) != list(other.shape):
-            continue
-        names.append(name)
-    return names
+    return same_named_outputs(sim.model, sim.fp32_model, ops)
 
 
 def prepare(sim: QuantSim, learn_ranges: bool = True, *, features: bool | Sequence[str] = False,

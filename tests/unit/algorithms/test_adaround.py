@@ -305,18 +305,23 @@ def test_adaround_keeps_the_activation_grids_its_layers_were_fitted_to():
                            sim.float_model.graph.initializers["b2"].const_value.numpy())
 
 
+def _masked_text(d_in: int, d_out: int) -> str:
+    """A token-wise MatMul whose output is zeroed where ``attention_mask`` is 0 (padding)."""
+    return f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,L,{d_in}] x, int64[N,L] attention_mask) => (float[N,L,{d_out}] y) <float[{d_in},{d_out}] w> {{
+            h = MatMul (x, w)
+            m = Cast <to = 1> (attention_mask)
+            axes = Constant <value = int64[1] {{-1}}> ()
+            m3 = Unsqueeze (m, axes)
+            y = Mul (h, m3)
+        }}"""
+
+
 def test_adaround_fits_the_tokens_and_not_the_padding():
     # a text model: padded positions (attention_mask 0) hold large values the output never
     # uses; drawn as layer rows they would dominate the reconstruction loss
-    model = model_from_text("""
-        <ir_version: 8, opset_import: ["" : 17]>
-        g (float[N,L,16] x, int64[N,L] attention_mask) => (float[N,L,8] y) <float[16,8] w> {
-            h = MatMul (x, w)
-            m = Cast <to = 1> (attention_mask)
-            axes = Constant <value = int64[1] {-1}> ()
-            m3 = Unsqueeze (m, axes)
-            y = Mul (h, m3)
-        }""", seed=3)
+    model = model_from_text(_masked_text(16, 8), seed=3)
     rng = np.random.default_rng(1)
     mix = rng.standard_normal((4, 16))
 
@@ -350,15 +355,7 @@ def test_a_weights_only_fit_samples_every_position(monkeypatch):
     # padding must be fitted too, so "auto" finds no mask there (a named mask is still used)
     import onnxq.algorithms._driver as driver
 
-    model = model_from_text("""
-        <ir_version: 8, opset_import: ["" : 17]>
-        g (float[N,L,8] x, int64[N,L] attention_mask) => (float[N,L,4] y) <float[8,4] w> {
-            h = MatMul (x, w)
-            m = Cast <to = 1> (attention_mask)
-            axes = Constant <value = int64[1] {-1}> ()
-            m3 = Unsqueeze (m, axes)
-            y = Mul (h, m3)
-        }""", seed=2)
+    model = model_from_text(_masked_text(8, 4), seed=2)
     rng = np.random.default_rng(0)
     mask = np.ones((4, 6), np.int64)
     mask[:, 4:] = 0
