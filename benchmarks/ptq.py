@@ -52,6 +52,8 @@ class Row:
     per_channel: bool = True
     passes: Any = ("fold-bn",)
     steps: dict = dataclasses.field(default_factory=dict)
+    #: the activations' range method
+    a_range: str = "minmax"
 
 
 def rows_for(model: str) -> list[Row]:
@@ -72,6 +74,9 @@ def rows_for(model: str) -> list[Row]:
                 steps={"adaround": {"act_quant": False}}),
             Row("w4a8-adaround-input", "W4A8 pc  AdaRound reconstructing W·x_q (target=input)",
                 steps={"adaround": {"target": "input"}}),
+            Row("w4a8-entropy-nearest", "W4A8 pc  nearest, entropy activation ranges", a_range="entropy"),
+            Row("w4a8-entropy-adaround-input", "W4A8 pc  AdaRound target=input, entropy activation ranges",
+                a_range="entropy", steps={"adaround": {"target": "input"}}),
             # 16-bit activations: the weights' rounding is the only error left
             Row("w4a16-nearest", "W4A16 pc nearest", a_bits=16),
             Row("w4a16-adaround", "W4A16 pc AdaRound", a_bits=16, steps={"adaround": True}),
@@ -105,7 +110,7 @@ def _config(row: Row):
 
     return onnxq.QuantConfig(
         weights=onnxq.QuantSpec(bits=row.w_bits, symmetric=True, per_channel=row.per_channel),
-        activations=onnxq.QuantSpec(bits=row.a_bits, symmetric=False),
+        activations=onnxq.QuantSpec(bits=row.a_bits, symmetric=False, range_method=row.a_range),
     )
 
 
