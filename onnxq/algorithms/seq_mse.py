@@ -40,11 +40,7 @@ class SeqMseConfig:
     seed: int = 0
     layers: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
-    #: the input whose zeros mark padding (``[N, L]``): MatMul rows ``[N, L, C]`` are sampled
-    #: only where it is non-zero. ``"auto"``: the one integer rank-2 input named ``*mask*``
-    #: (``attention_mask``), if any, when ``act_quant`` (a weights-only fit recalibrates the
-    #: activations on every position afterwards: unfitted padding would set their grids);
-    #: ``None``: every position
+    #: padding mask for the MatMul rows, as :attr:`AdaRoundConfig.row_mask`
     row_mask: str | None = "auto"
 
 
