@@ -3,6 +3,7 @@
 import dataclasses
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 
 import onnxq
@@ -385,3 +386,72 @@ def test_an_input_target_ignores_the_float_models_outputs():
     assert not np.array_equal(round_layer(dataclasses.replace(noisy, rng=np.random.default_rng(3)), cfg).codes, a.codes)
     with pytest.raises(onnxq.errors.ConfigError, match="target"):
         AdaRoundConfig(target="output")
+
+
+def _dequantized_weights(model) -> dict[str, np.ndarray]:
+    """{weight name: its DequantizeLinear's value} of every constant-input DQ (axis as given)."""
+    out = {}
+    for node in model.graph:
+        if node.op_type != "DequantizeLinear" or node.inputs[0].const_value is None:
+            continue
+        q = node.inputs[0].const_value.numpy().astype(np.float64)
+        s = node.inputs[1].const_value.numpy().astype(np.float64)
+        z = node.inputs[2].const_value.numpy().astype(np.float64) if len(node.inputs) > 2 else 0.0
+        if np.ndim(s) == 1 and s.size > 1:
+            axis = next((a.value for a in node.attributes.values() if a.name == "axis"), 1) % q.ndim
+            shape = [1] * q.ndim
+            shape[axis] = s.size
+            s, z = s.reshape(shape), np.reshape(z, shape)
+        out[node.outputs[0].name] = (q - z) * s
+    return out
+
+
+def test_asymmetric_4bit_codes_are_centred_int8_in_the_working_model():
+    """uint4 codes with per-channel zero points run in the working model as int8 ``q − z`` with
+    zero point 0 (onnxruntime's integer kernels are slow with weight zero points): the same
+    dequantized weights, before and after a layer is replaced; the exported model keeps uint4."""
+    from onnxq.algorithms._driver import Solution, _rows_of, _WorkingModel
+    from onnxq.algorithms._layers import find_layers
+
+    model = model_from_text(MODEL)
+    rng = np.random.default_rng(0)
+    data = [rng.standard_normal((8, 3, 8, 8)).astype(np.float32) for _ in range(2)]
+    cfg = dataclasses.replace(_w4(), weights=dataclasses.replace(_w4().weights, symmetric=False))
+    sim = onnxq.quantize(model, data, cfg)
+    zeros = [n.inputs[2].const_value for n in sim.model.graph if n.op_type == "DequantizeLinear"
+             and n.inputs[0].const_value is not None and n.inputs[0].const_value.dtype == ir.DataType.UINT4]
+    assert zeros and any(np.any(z.numpy()) for z in zeros)  # the premise: real zero points
+    work = _WorkingModel(sim, act_quant=True)
+    before, now = _dequantized_weights(sim.model), _dequantized_weights(work.model)
+    assert before.keys() == now.keys()
+    for name in before:
+        np.testing.assert_array_equal(now[name], before[name])
+    for node in work.model.graph:
+        if node.op_type == "DequantizeLinear" and node.inputs[0].const_value is not None \
+                and node.inputs[0].const_value.dtype != ir.DataType.INT32:
+            assert node.inputs[0].const_value.dtype == ir.DataType.INT8
+            assert not np.any(node.inputs[2].const_value.numpy())
+    # a layer's new codes are centred on its zero points too
+    layer = next(la for la in find_layers(sim.fp32_model)[0] if la.weight_layer.weight.name == "w2")
+    enc = next(e for e in sim.encodings if e.name == "w2")
+    w = layer.weight_matrix()
+    scale, zero = _rows_of(enc, layer, w.shape)
+    codes = np.clip(np.floor(w / scale) + zero, enc.grid().qmin, enc.grid().qmax).astype(np.int64)
+    job = LayerJob(layer, w, scale, zero, enc.grid(), layer.bias(), np.zeros((1, 1, w.shape[2]), np.float32),
+                   np.zeros((1, w.shape[0] * w.shape[1]), np.float32), enc, rng)
+    work.update(layer, job, Solution(codes))
+    got = next(v for k, v in _dequantized_weights(work.model).items() if k.startswith("w2"))
+    want = layer.weight_layer.to_native(((codes - zero) * scale).reshape(layer.weight_layer.canonical_shape))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    # the whole algorithm: its exported model keeps uint4 and agrees with the float weights
+    out = adaround(sim, data, AdaRoundConfig(iterations=50, batch_rows=64, rows_per_layer=256))
+    assert any(n.op_type == "DequantizeLinear" and n.inputs[0].const_value is not None
+               and n.inputs[0].const_value.dtype == ir.DataType.UINT4 for n in out.model.graph)
+    checked = 0
+    for name, value in _dequantized_weights(out.model).items():
+        base = name.split("_")[0]
+        if base in ("w1", "w2", "w3"):
+            np.testing.assert_allclose(value, out.float_model.graph.initializers[base].const_value.numpy(),
+                                       rtol=1e-5, atol=1e-6)
+            checked += 1
+    assert checked == 3
