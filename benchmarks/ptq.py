@@ -54,6 +54,8 @@ class Row:
     steps: dict = dataclasses.field(default_factory=dict)
     #: the activations' range method
     a_range: str = "minmax"
+    #: symmetric weight grids (False: asymmetric, a zero point per channel)
+    w_symmetric: bool = True
 
 
 def rows_for(model: str) -> list[Row]:
@@ -67,6 +69,11 @@ def rows_for(model: str) -> list[Row]:
             steps={"bias_correction": {"mode": "empirical"}}),
         Row("w4a8-adaround-nofit", "W4A8 pc  AdaRound without the bias refit",
             steps={"adaround": {"fit_bias": False}}),
+        # asymmetric 4-bit weights: 16 levels across each channel's [min, max] instead of 15
+        # across [-max|w|, max|w|]
+        Row("w4a8-asym-nearest", "W4A8 pc  asymmetric weights, nearest", w_symmetric=False),
+        Row("w4a8-asym-adaround", "W4A8 pc  asymmetric weights, AdaRound", w_symmetric=False,
+            steps={"adaround": True}),
     ]
     if model == "minilm":
         rows += [
@@ -109,7 +116,7 @@ def _config(row: Row):
     import onnxq
 
     return onnxq.QuantConfig(
-        weights=onnxq.QuantSpec(bits=row.w_bits, symmetric=True, per_channel=row.per_channel),
+        weights=onnxq.QuantSpec(bits=row.w_bits, symmetric=row.w_symmetric, per_channel=row.per_channel),
         activations=onnxq.QuantSpec(bits=row.a_bits, symmetric=False, range_method=row.a_range),
     )
 
