@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="preset (default, per-channel, w8a16) or a JSON config file (onnxq's or AIMET's runtime config)")
     qua.add_argument("--per-channel", action="store_true", help="per-channel weights")
     qua.add_argument("--w-bits", type=int, choices=(4, 8, 16))
+    qua.add_argument("--w-asymmetric", action="store_true",
+                     help="asymmetric weight grids (a zero point per tensor/channel)")
     qua.add_argument("--a-bits", type=int, choices=(8, 16))
     qua.add_argument("--range", dest="range_method",
                      choices=RANGE_METHODS,
@@ -105,6 +107,8 @@ def _parser() -> argparse.ArgumentParser:
     ana.add_argument("--config", default="default", help="starting config: preset or JSON file")
     ana.add_argument("--per-channel", action="store_true", help="per-channel weights")
     ana.add_argument("--w-bits", type=int, choices=(4, 8, 16))
+    ana.add_argument("--w-asymmetric", action="store_true",
+                     help="asymmetric weight grids (a zero point per tensor/channel)")
     ana.add_argument("--a-bits", type=int, choices=(8, 16))
     ana.add_argument("--range", dest="range_method",
                      choices=RANGE_METHODS)
@@ -171,6 +175,8 @@ def _parser() -> argparse.ArgumentParser:
     qat.add_argument("--config", default="default", help="preset or JSON config (as for quantize)")
     qat.add_argument("--per-channel", action="store_true", help="per-channel weights")
     qat.add_argument("--w-bits", type=int, choices=(4, 8, 16))
+    qat.add_argument("--w-asymmetric", action="store_true",
+                     help="asymmetric weight grids (a zero point per tensor/channel)")
     qat.add_argument("--a-bits", type=int, choices=(4, 8, 16))
     qat.add_argument("--range", dest="range_method",
                      choices=RANGE_METHODS)
@@ -294,6 +300,8 @@ def _quant_config(args: argparse.Namespace):
         w = dataclasses.replace(w, per_channel=True)
     if args.w_bits:
         w = dataclasses.replace(w, bits=args.w_bits)
+    if getattr(args, "w_asymmetric", False):
+        w = dataclasses.replace(w, symmetric=False)
     if args.a_bits:
         a = dataclasses.replace(a, bits=args.a_bits)
     if args.range_method:

@@ -141,6 +141,23 @@ def test_quantize_with_adaround_seq_mse_and_bias_correction(tmp_path, capsys):
     assert "needs calibration data" in capsys.readouterr().err
 
 
+def test_quantize_with_asymmetric_weights(tmp_path, capsys):
+    src, _ = make(tmp_path)
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    np.save(calib / "0.npy", np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32))
+    for flag, out in (([], tmp_path / "sym"), (["--w-asymmetric"], tmp_path / "asym")):
+        code = main(["quantize", str(src), "--calib", str(calib), "--per-channel", "--w-bits", "4",
+                     *flag, "-o", str(out)])
+        assert code == 0, capsys.readouterr().err
+    params = lambda out: json.loads((out / "in.encodings.json").read_text())["param_encodings"]  # noqa: E731
+    sym, asym = params(tmp_path / "sym"), params(tmp_path / "asym")
+    assert all(e["is_sym"] for e in sym) and not any(any(e["offset"]) for e in sym if e["bw"] == 4)
+    weights = [e for e in asym if e["bw"] == 4]
+    assert weights and not any(e["is_sym"] for e in weights)
+    assert len({o for e in weights for o in e["offset"]}) > 1  # channels with their own zero points
+
+
 def test_quantize_with_bad_calibration_data(tmp_path, capsys):
     src, _ = make(tmp_path)
     calib = tmp_path / "calib"
