@@ -150,7 +150,7 @@ def test_quantize_with_asymmetric_weights(tmp_path, capsys):
         code = main(["quantize", str(src), "--calib", str(calib), "--per-channel", "--w-bits", "4",
                      *flag, "-o", str(out)])
         assert code == 0, capsys.readouterr().err
-    params = lambda out: json.loads((out / "in.encodings.json").read_text())["param_encodings"]  # noqa: E731
+    params = lambda out: json.loads((out / "in.encodings.json").read_text())["param_encodings"]
     sym, asym = params(tmp_path / "sym"), params(tmp_path / "asym")
     assert all(e["is_sym"] for e in sym) and not any(any(e["offset"]) for e in sym if e["bw"] == 4)
     weights = [e for e in asym if e["bw"] == 4]
