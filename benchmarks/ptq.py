@@ -56,6 +56,8 @@ class Row:
     a_range: str = "minmax"
     #: symmetric weight grids (False: asymmetric, a zero point per channel)
     w_symmetric: bool = True
+    #: the weights' range method
+    w_range: str = "minmax"
 
 
 def rows_for(model: str) -> list[Row]:
@@ -74,6 +76,8 @@ def rows_for(model: str) -> list[Row]:
         Row("w4a8-asym-nearest", "W4A8 pc  asymmetric weights, nearest", w_symmetric=False),
         Row("w4a8-asym-adaround", "W4A8 pc  asymmetric weights, AdaRound", w_symmetric=False,
             steps={"adaround": True}),
+        Row("w4a8-asym-mse-adaround", "W4A8 pc  asymmetric weights, MSE ranges, AdaRound",
+            w_symmetric=False, w_range="mse", steps={"adaround": True}),
     ]
     if model == "minilm":
         rows += [
@@ -116,7 +120,8 @@ def _config(row: Row):
     import onnxq
 
     return onnxq.QuantConfig(
-        weights=onnxq.QuantSpec(bits=row.w_bits, symmetric=row.w_symmetric, per_channel=row.per_channel),
+        weights=onnxq.QuantSpec(bits=row.w_bits, symmetric=row.w_symmetric, per_channel=row.per_channel,
+                                range_method=row.w_range),
         activations=onnxq.QuantSpec(bits=row.a_bits, symmetric=False, range_method=row.a_range),
     )
 

@@ -69,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     qua.add_argument("--w-bits", type=int, choices=(4, 8, 16))
     qua.add_argument("--w-asymmetric", action="store_true",
                      help="asymmetric weight grids (a zero point per tensor/channel)")
+    qua.add_argument("--w-range", choices=("minmax", "mse"),
+                     help="weight range method (mse: the clip minimizing the rounding error)")
     qua.add_argument("--a-bits", type=int, choices=(8, 16))
     qua.add_argument("--range", dest="range_method",
                      choices=RANGE_METHODS,
@@ -109,6 +111,8 @@ def _parser() -> argparse.ArgumentParser:
     ana.add_argument("--w-bits", type=int, choices=(4, 8, 16))
     ana.add_argument("--w-asymmetric", action="store_true",
                      help="asymmetric weight grids (a zero point per tensor/channel)")
+    ana.add_argument("--w-range", choices=("minmax", "mse"),
+                     help="weight range method (mse: the clip minimizing the rounding error)")
     ana.add_argument("--a-bits", type=int, choices=(8, 16))
     ana.add_argument("--range", dest="range_method",
                      choices=RANGE_METHODS)
@@ -177,6 +181,8 @@ def _parser() -> argparse.ArgumentParser:
     qat.add_argument("--w-bits", type=int, choices=(4, 8, 16))
     qat.add_argument("--w-asymmetric", action="store_true",
                      help="asymmetric weight grids (a zero point per tensor/channel)")
+    qat.add_argument("--w-range", choices=("minmax", "mse"),
+                     help="weight range method (mse: the clip minimizing the rounding error)")
     qat.add_argument("--a-bits", type=int, choices=(4, 8, 16))
     qat.add_argument("--range", dest="range_method",
                      choices=RANGE_METHODS)
@@ -302,6 +308,8 @@ def _quant_config(args: argparse.Namespace):
         w = dataclasses.replace(w, bits=args.w_bits)
     if getattr(args, "w_asymmetric", False):
         w = dataclasses.replace(w, symmetric=False)
+    if getattr(args, "w_range", None):
+        w = dataclasses.replace(w, range_method=args.w_range)
     if args.a_bits:
         a = dataclasses.replace(a, bits=args.a_bits)
     if args.range_method:

@@ -156,6 +156,13 @@ def test_quantize_with_asymmetric_weights(tmp_path, capsys):
     weights = [e for e in asym if e["bw"] == 4]
     assert weights and not any(e["is_sym"] for e in weights)
     assert len({o for e in weights for o in e["offset"]}) > 1  # channels with their own zero points
+    # MSE weight ranges clip: a channel's grid is no wider than its min-max one, some narrower
+    code = main(["quantize", str(src), "--calib", str(calib), "--per-channel", "--w-bits", "4",
+                 "--w-asymmetric", "--w-range", "mse", "-o", str(tmp_path / "mse")])
+    assert code == 0, capsys.readouterr().err
+    mse = {e["name"]: e for e in params(tmp_path / "mse") if e["bw"] == 4}
+    pairs = [(a, b) for e in weights for a, b in zip(mse[e["name"]]["scale"], e["scale"])]
+    assert all(a <= b * (1 + 1e-6) for a, b in pairs) and any(a < b * 0.999 for a, b in pairs)
 
 
 def test_quantize_with_bad_calibration_data(tmp_path, capsys):
