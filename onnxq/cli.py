@@ -35,6 +35,14 @@ def _add_pipeline_args(p: argparse.ArgumentParser, default: str | None) -> None:
     group.add_argument("--recipe", help="a JSON or TOML recipe file")
 
 
+def _weight_grid_flags(parser: argparse.ArgumentParser) -> None:
+    """--w-asymmetric and --w-range (read by _quant_config)."""
+    parser.add_argument("--w-asymmetric", action="store_true",
+                        help="asymmetric weight grids (a zero point per tensor/channel)")
+    parser.add_argument("--w-range", choices=("minmax", "mse"),
+                        help="weight range method (mse: the clip minimizing the rounding error)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="onnxq", description="Quantization and graph optimization for ONNX models."
@@ -67,10 +75,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="preset (default, per-channel, w8a16) or a JSON config file (onnxq's or AIMET's runtime config)")
     qua.add_argument("--per-channel", action="store_true", help="per-channel weights")
     qua.add_argument("--w-bits", type=int, choices=(4, 8, 16))
-    qua.add_argument("--w-asymmetric", action="store_true",
-                     help="asymmetric weight grids (a zero point per tensor/channel)")
-    qua.add_argument("--w-range", choices=("minmax", "mse"),
-                     help="weight range method (mse: the clip minimizing the rounding error)")
+    _weight_grid_flags(qua)
     qua.add_argument("--a-bits", type=int, choices=(8, 16))
     qua.add_argument("--range", dest="range_method",
                      choices=RANGE_METHODS,
@@ -109,10 +114,7 @@ def _parser() -> argparse.ArgumentParser:
     ana.add_argument("--config", default="default", help="starting config: preset or JSON file")
     ana.add_argument("--per-channel", action="store_true", help="per-channel weights")
     ana.add_argument("--w-bits", type=int, choices=(4, 8, 16))
-    ana.add_argument("--w-asymmetric", action="store_true",
-                     help="asymmetric weight grids (a zero point per tensor/channel)")
-    ana.add_argument("--w-range", choices=("minmax", "mse"),
-                     help="weight range method (mse: the clip minimizing the rounding error)")
+    _weight_grid_flags(ana)
     ana.add_argument("--a-bits", type=int, choices=(8, 16))
     ana.add_argument("--range", dest="range_method",
                      choices=RANGE_METHODS)
@@ -179,10 +181,7 @@ def _parser() -> argparse.ArgumentParser:
     qat.add_argument("--config", default="default", help="preset or JSON config (as for quantize)")
     qat.add_argument("--per-channel", action="store_true", help="per-channel weights")
     qat.add_argument("--w-bits", type=int, choices=(4, 8, 16))
-    qat.add_argument("--w-asymmetric", action="store_true",
-                     help="asymmetric weight grids (a zero point per tensor/channel)")
-    qat.add_argument("--w-range", choices=("minmax", "mse"),
-                     help="weight range method (mse: the clip minimizing the rounding error)")
+    _weight_grid_flags(qat)
     qat.add_argument("--a-bits", type=int, choices=(4, 8, 16))
     qat.add_argument("--range", dest="range_method",
                      choices=RANGE_METHODS)
