@@ -267,24 +267,33 @@ def test_adaround_with_scale_refit_keeps_the_qdq_and_float_models_consistent(tmp
                                onnxq.runtime.run(out.model, {"x": test})[0], atol=1e-5)
 
 
+def _empty_job(sim, weight: str, rng):
+    """(layer, a LayerJob without rows) for the layer of ``weight`` in ``sim``: enough for
+    _WorkingModel.update, which reads only the layer, its grid and its bias."""
+    from onnxq.algorithms._driver import _rows_of
+    from onnxq.algorithms._layers import find_layers
+
+    layer = next(la for la in find_layers(sim.fp32_model)[0] if la.weight_layer.weight.name == weight)
+    enc = next(e for e in sim.encodings if e.name == weight)
+    w = layer.weight_matrix()
+    scale, zero = _rows_of(enc, layer, w.shape)
+    return layer, LayerJob(layer, w, scale, zero, enc.grid(), layer.bias(), np.zeros((1, 1, w.shape[2]), np.float32),
+                           np.zeros((1, w.shape[0] * w.shape[1]), np.float32), enc, rng)
+
+
 def test_a_new_scale_and_bias_reach_a_float_bias_of_the_working_model():
     """The model that feeds later layers gets a layer's refitted bias with its refitted scale, also
     where the bias is not quantized (it was dropped there, and the later layers compensated)."""
-    from onnxq.algorithms._driver import Solution, _rows_of, _WorkingModel
-    from onnxq.algorithms._layers import find_layers
+    from onnxq.algorithms._driver import Solution, _WorkingModel
 
     model = model_from_text(MODEL)
     rng = np.random.default_rng(0)
     data = [rng.standard_normal((8, 3, 8, 8)).astype(np.float32) for _ in range(2)]
     sim = onnxq.quantize(model, data, dataclasses.replace(_w4(), quantize_bias=False))
     work = _WorkingModel(sim, act_quant=True)
-    layer = next(la for la in find_layers(sim.fp32_model)[0] if la.weight_layer.weight.name == "w1")
-    enc = next(e for e in sim.encodings if e.name == "w1")
-    w = layer.weight_matrix()
-    scale, zero = _rows_of(enc, layer, w.shape)
-    codes = np.clip(np.rint(w / scale) + zero, enc.grid().qmin, enc.grid().qmax).astype(np.int64)
-    job = LayerJob(layer, w, scale, zero, enc.grid(), layer.bias(), np.zeros((1, 1, w.shape[2]), np.float32),
-                   np.zeros((1, w.shape[0] * w.shape[1]), np.float32), enc, rng)
+    layer, job = _empty_job(sim, "w1", rng)
+    scale, zero = job.scale, job.zero
+    codes = np.clip(np.rint(job.weight / scale) + zero, job.grid.qmin, job.grid.qmax).astype(np.int64)
     new_bias = layer.bias() + np.arange(8, dtype=np.float32)
     work.update(layer, job, Solution(codes, scale=scale * 1.1, bias=new_bias))
     conv = next(n for n in work.model.graph if n.op_type == "Conv" and n.inputs[2].name == "b1")
@@ -410,8 +419,7 @@ def test_asymmetric_4bit_codes_are_centred_int8_in_the_working_model():
     """uint4 codes with per-channel zero points run in the working model as int8 ``q − z`` with
     zero point 0 (onnxruntime's integer kernels are slow with weight zero points): the same
     dequantized weights, before and after a layer is replaced; the exported model keeps uint4."""
-    from onnxq.algorithms._driver import Solution, _rows_of, _WorkingModel
-    from onnxq.algorithms._layers import find_layers
+    from onnxq.algorithms._driver import Solution, _WorkingModel
 
     model = model_from_text(MODEL)
     rng = np.random.default_rng(0)
@@ -432,13 +440,9 @@ def test_asymmetric_4bit_codes_are_centred_int8_in_the_working_model():
             assert node.inputs[0].const_value.dtype == ir.DataType.INT8
             assert not np.any(node.inputs[2].const_value.numpy())
     # a layer's new codes are centred on its zero points too
-    layer = next(la for la in find_layers(sim.fp32_model)[0] if la.weight_layer.weight.name == "w2")
-    enc = next(e for e in sim.encodings if e.name == "w2")
-    w = layer.weight_matrix()
-    scale, zero = _rows_of(enc, layer, w.shape)
-    codes = np.clip(np.floor(w / scale) + zero, enc.grid().qmin, enc.grid().qmax).astype(np.int64)
-    job = LayerJob(layer, w, scale, zero, enc.grid(), layer.bias(), np.zeros((1, 1, w.shape[2]), np.float32),
-                   np.zeros((1, w.shape[0] * w.shape[1]), np.float32), enc, rng)
+    layer, job = _empty_job(sim, "w2", rng)
+    scale, zero = job.scale, job.zero
+    codes = np.clip(np.floor(job.weight / scale) + zero, job.grid.qmin, job.grid.qmax).astype(np.int64)
     work.update(layer, job, Solution(codes))
     got = next(v for k, v in _dequantized_weights(work.model).items() if k.startswith("w2"))
     want = layer.weight_layer.to_native(((codes - zero) * scale).reshape(layer.weight_layer.canonical_shape))
