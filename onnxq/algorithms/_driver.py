@@ -89,10 +89,6 @@ def _native(layer: Layer, grouped: np.ndarray) -> np.ndarray:
     return wl.to_native(grouped.reshape(wl.canonical_shape))
 
 
-def _work_bits(bits: int) -> int:
-    return 8 if bits == 4 else bits
-
-
 def _widen_int4(dq: ir.Node) -> None:
     """Store 4-bit weight codes as int8 in the working model: the same dequantized values, but
     onnxruntime fuses int8 DQ → Conv → Q into integer kernels (it has none for int4), 5–9× faster.
@@ -105,8 +101,8 @@ def _widen_int4(dq: ir.Node) -> None:
     if codes.const_value.dtype not in (ir.DataType.INT4, ir.DataType.UINT4):
         return
     zero = dq.inputs[2] if len(dq.inputs) > 2 else None
-    z = zero.const_value.numpy().astype(np.int16) if zero is not None and zero.const_value is not None else None
-    _set_centered(dq, codes.const_value.numpy().astype(np.int16), z)
+    z = zero.const_value.numpy() if zero is not None and zero.const_value is not None else None
+    _set_centered(dq, codes.const_value.numpy(), z)
 
 
 def _set_centered(dq: ir.Node, codes: np.ndarray, zero: np.ndarray | None) -> None:
@@ -204,7 +200,7 @@ class _WorkingModel:
             zero_native = zflat if len(enc.zero_point) > 1 else zflat[:1].reshape(())
             _set_centered(dq, codes_native, zero_native)
         else:
-            dq.inputs[0].const_value = _int_tensor(codes_native, _work_bits(enc.bits), enc.signed, dq.inputs[0].name or "")
+            dq.inputs[0].const_value = _int_tensor(codes_native, enc.bits, enc.signed, dq.inputs[0].name or "")
         if sol.scale is None:
             if sol.bias is not None:
                 self._set_bias(node, sol.bias)
@@ -215,7 +211,7 @@ class _WorkingModel:
         if sol.zero is not None and enc.bits != 4 and len(dq.inputs) > 2 and dq.inputs[2] is not None:
             zflat = np.asarray(sol.zero).reshape(-1)
             znew = zflat[:1].reshape(()) if len(enc.scale) == 1 else zflat
-            dq.inputs[2].const_value = _int_tensor(znew, _work_bits(enc.bits), enc.signed, dq.inputs[2].name or "")
+            dq.inputs[2].const_value = _int_tensor(znew, enc.bits, enc.signed, dq.inputs[2].name or "")
         # the int32 bias is quantized with s_input · s_weight: follow the new weight scale
         bias = node.inputs[2] if len(node.inputs) > 2 else None
         b_dq = bias.producer() if bias is not None else None
